@@ -1,0 +1,43 @@
+"""
+Deterministic validation loss: every model is scored on the same fixed windows (the whole split in
+non-overlapping block_size windows, or a stated prefix of them), so that losses compare. nanoGPT's
+random-batch estimate is kept for training logs only.
+"""
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+
+def fixed_windows(data, block_size, max_windows=None):
+    """Start offsets of the non-overlapping windows: window i predicts data[s+1 : s+block_size+1]."""
+    n = (len(data) - 1) // block_size
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return np.arange(n) * block_size
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, block_size, batch_size=16, max_windows=None, device='cpu', ctx=None):
+    """Mean cross-entropy in nats per token over the fixed windows of data (a 1-D uint16 array)."""
+    was_training = model.training
+    model.eval()
+    starts = fixed_windows(data, block_size, max_windows)
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        s = starts[i:i + batch_size]
+        x = torch.from_numpy(np.stack([data[j:j + block_size] for j in s]).astype(np.int64)).to(device)
+        y = torch.from_numpy(np.stack([data[j + 1:j + 1 + block_size] for j in s]).astype(np.int64)).to(device)
+        with ctx or nullcontext():
+            _, loss = model(x, y)
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def bits(nats):
+    """Nats per token to bits per token (bits/char for char models)."""
+    return nats / math.log(2)

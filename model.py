@@ -1,0 +1,281 @@
+"""
+The baseline GPT: nanoGPT's model (same parameter names, init and weight tying, so nanoGPT checkpoints
+load) plus a KV cache for generation. Every speed figure of EfficientGPT is measured against this
+model's cached decode, and its uncached reference path is what nanoGPT's `generate` does.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated for max_len positions.
+    update() appends this step's k, v and returns everything attention reads (gpt-fast's shape)."""
+
+    def __init__(self, batch_size, n_head, max_len, head_size, device=None, dtype=None):
+        shape = (batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.len = 0  # positions held
+
+    def update(self, k, v):
+        # k, v: (B, nh, T, hs) for positions len .. len+T-1
+        start, end = self.len, self.len + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def truncate(self, n):
+        """Forget every position from n on (speculative decoding rolls back with this)."""
+        self.len = min(self.len, n)
+
+    def reset(self):
+        self.len = 0
+
+    @property
+    def nbytes(self):
+        """Bytes of the keys and values held."""
+        return 2 * self.len * self.k[:, :, :1].nelement() * self.k.element_size()
+
+
+def causal_mask(T, S, device):
+    """(T, S) bool mask for T queries that are the last T of S positions: query i sees keys <= S-T+i.
+    SDPA's is_causal aligns the triangle top-left, which is wrong once a cache holds earlier keys."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        # key, query, value projections for all heads, in one batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def heads(self, t):
+        B, T, C = t.size()
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = map(self.heads, self.c_attn(x).split(self.n_embd, dim=2))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nh, S, hs): the cached positions, then these T
+        y = attend(q, k, v, self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def attend(q, k, v, dropout_p=0.0):
+    """Causal attention of T queries (the last T positions) over S >= T keys. (B, nh, T, hs)"""
+    T, S = q.size(2), k.size(2)
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if T == 1:  # one new token sees every cached position: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout_p)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Next token (B, 1) from last-position logits (B, vocab). temperature 0 means greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None
+        assert config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([self.make_block(i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: https://paperswithcode.com/method/weight-tying
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # scaled init of the residual projections, per the GPT-2 paper
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def make_block(self, layer):
+        return Block(self.config)
+
+    def aux_losses(self):
+        """{name: (weight, value)} of auxiliary losses from the last forward; the baseline has none."""
+        return {}
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are subtracted by default (the token embeddings
+        are tied to the LM head, so they count as weights)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding and getattr(self.transformer, 'wpe', None) is not None:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def embed(self, idx, start=0):
+        """Token plus position embeddings of idx (B, T) at positions start .. start+T-1. (B, T, C)"""
+        T = idx.size(1)
+        assert start + T <= self.config.block_size, \
+            f"Cannot forward position {start + T - 1}, block size is only {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def forward(self, idx, targets=None, cache=None):
+        """nanoGPT's forward: (logits, loss); logits of every position with targets, of the last one
+        without. cache: a list of per-layer KVCache from new_cache(); idx then holds the new positions."""
+        x = self.embed(idx, cache[0].len if cache else 0)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache[i] if cache else None)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position's logits
+            loss = None
+        return logits, loss
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        """One KVCache per layer, sized for block_size positions."""
+        c = self.config
+        p = self.lm_head.weight
+        return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
+                        device or p.device, dtype or p.dtype) for _ in range(c.n_layer)]
+
+    def crop_block_size(self, block_size):
+        # model surgery to decrease the block size if necessary
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # every 2D parameter (matmul weights, embeddings) decays; biases and norms don't
+        param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
+        decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
+        nodecay_params = [p for n, p in param_dict.items() if p.dim() < 2]
+        optim_groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0},
+        ]
+        fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        extra_args = dict(fused=True) if fused_available and device_type == 'cuda' else dict()
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt):
+        """Model FLOPs utilization in units of A100 bf16 peak (PaLM paper, appendix B)."""
+        N = self.get_num_params()
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        return flops_per_iter * (1.0 / dt) / 312e12
+
+    def next_logits(self, idx, cache=None):
+        """Logits (B, vocab) for the token after idx (B, T), seeing at most block_size tokens as
+        nanoGPT's cropping does. With a cache only the positions not yet cached are fed. Past
+        block_size every position's embedding shifts, so nothing cached stays valid: the cache is
+        refilled from the cropped context, which is exactly what the reference path computes."""
+        if cache is None:
+            logits, _ = self(idx[:, -self.config.block_size:])
+        elif idx.size(1) > self.config.block_size:
+            for c in cache:
+                c.reset()
+            logits, _ = self(idx[:, -self.config.block_size:], cache=cache)
+        else:
+            logits, _ = self(idx[:, cache[0].len:], cache=cache)
+        return logits[:, -1, :]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens. temperature=0 is greedy. use_cache=False is the
+        reference path: recompute the (cropped) context every step, like nanoGPT."""
+        cache = self.new_cache(idx.size(0)) if use_cache else None
+        for _ in range(max_new_tokens):
+            logits = self.next_logits(idx, cache)
+            idx_next = sample_next(logits, temperature, top_k, generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
