@@ -9,7 +9,180 @@ A module that adds a training loss stores it in `self.aux = {name: (weight, valu
 EfficientGPT.aux_losses() gathers them and the training script adds Σ weight·value to the LM loss.
 """
 
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
 from model import MLP, CausalSelfAttention
+
+
+class TopKMLP(MLP):
+    """nanoGPT's MLP (same parameter names, so a dense checkpoint loads) that keeps, per token, only the
+    k hidden units of largest magnitude after the GELU and zeroes the rest (Lazy Neuron, TEAL).
+    Magnitude, not value: GELU outputs can be negative (down to -0.17), and the dropped units' error
+    sum_i a_i * w_i is smallest when the smallest |a_i| are dropped; k = hidden is the dense MLP.
+
+    Two paths compute the same function:
+      masked   (training, and the reference): the full down-projection over the zeroed activations,
+               so gradients flow through the kept units exactly as in a dense MLP.
+      gathered (inference, when self.gather): F.embedding_bag reads only the k rows of c_proj.weight.T
+               that the kept units multiply, so the down-projection does k/hidden of the dense work."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.hidden = 4 * config.n_embd
+        self.k = max(1, round(config.sparsity_ratio * self.hidden))
+        self.gather = True  # inference path; set False (set_topk_gather) to time the masked path in eval
+        self._rows = None  # (version, c_proj.weight.T contiguous): the rows embedding_bag reads
+
+    def forward(self, x):
+        if self.training or not self.gather:
+            return self.forward_masked(x)
+        return self.forward_gathered(x)
+
+    def top_units(self, x):
+        """Up-projection and the k kept units per token: values (B, T, k) and their indices (B, T, k)."""
+        h = self.gelu(self.c_fc(x))  # (B, T, 4C)
+        idx = h.abs().topk(self.k, dim=-1, sorted=False).indices  # (B, T, k)
+        return h.gather(-1, idx), idx
+
+    def forward_masked(self, x):
+        vals, idx = self.top_units(x)
+        h = torch.zeros(*x.shape[:-1], self.hidden, dtype=vals.dtype, device=x.device).scatter(-1, idx, vals)
+        return self.dropout(self.c_proj(h))
+
+    def forward_gathered(self, x):
+        B, T, C = x.shape
+        vals, idx = self.top_units(x)
+        # y[n] = sum_j vals[n, j] * W.T[idx[n, j]]: k rows of C numbers per token instead of 4C
+        rows = self.down_rows()  # (4C, C)
+        y = F.embedding_bag(idx.view(B * T, self.k), rows, per_sample_weights=vals.view(B * T, self.k).to(rows.dtype),
+                            mode='sum')  # (B*T, C)
+        if self.c_proj.bias is not None:
+            y = y + self.c_proj.bias
+        return self.dropout(y.view(B, T, C))
+
+    def down_rows(self):
+        """c_proj.weight.T as a contiguous (4C, C) table, rebuilt whenever the weight changes in place
+        (optimizer step, load_state_dict) or moves (.to): the gathered path reads rows, the weight is
+        stored (C, 4C) so that nanoGPT checkpoints load. Costs one extra copy of c_proj at inference."""
+        w = self.c_proj.weight
+        key = (w._version, w.data_ptr(), w.dtype)
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, w.detach().t().contiguous())
+        return self._rows[1]
+
+    def flops_per_token(self):
+        """Matmul FLOPs (2 per multiply-add) one token executes on the path forward runs now."""
+        C = self.c_fc.in_features
+        down = self.k if self.gather and not self.training else self.hidden
+        return 2 * C * self.hidden + 2 * down * C
+
+
+def set_topk_gather(model, gather):
+    """Choose the inference path of every TopKMLP in model: gathered (True) or masked (False)."""
+    for m in model.modules():
+        if isinstance(m, TopKMLP):
+            m.gather = gather
+
+
+class MoEMLP(nn.Module):
+    """Mixture of experts (Switch Transformer; top-2 as in GShard/Mixtral): a float32 router picks
+    experts_top_k of num_experts full-size MLPs per token, and each expert runs only on its tokens
+    (dropless: no capacity limit, no token is dropped), so the work is top_k/E of running every expert.
+    Top-1 scales the expert's output by its router probability p (so the router learns from the LM loss);
+    top-2 renormalises the pair's probabilities to sum to 1, keeping the output's scale a dense MLP's.
+    Training adds the Switch load-balancing loss and the router z-loss to self.aux."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts, self.top_k = config.num_experts, config.experts_top_k
+        self.router = nn.Linear(config.n_embd, config.num_experts, bias=False)
+        self.experts = nn.ModuleList([MLP(config) for _ in range(config.num_experts)])
+        self.aux_weights = (config.router_aux_loss_weight, config.router_z_loss_weight)
+        self.aux = {}
+        self.reset_expert_load()
+
+    def route(self, x):
+        """Router logits (N, E) and probabilities (N, E) in float32, and the chosen experts (N, k) with
+        their mixing weights (N, k), for the N = B*T tokens of x (N, C)."""
+        with torch.autocast(x.device.type, enabled=False):  # softmax over few logits: bf16 rounding flips choices
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        probs = logits.softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, experts
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.view(B * T, C)
+        logits, probs, weights, experts = self.route(x)
+        weights = weights.to(x.dtype)
+        # At inference, when every token chose the same experts (always so at batch-1 decode), those experts
+        # run on x itself: no sort, gather or scatter. Otherwise, and always while training, dispatch.
+        chosen = None if self.training else experts.tolist()  # (N, k) on the host
+        if chosen and chosen.count(chosen[0]) == len(chosen):
+            y = self.run_shared(x, weights, chosen[0])
+        else:
+            y = self.dispatch(x, weights, experts)
+        self.aux = self.router_losses(logits, probs, experts) if self.training else {}
+        return y.view(B, T, C)
+
+    def run_shared(self, x, weights, chosen):
+        """Every token of x (N, C) chose the experts `chosen` (k ints), with weights (N, k). (N, C)"""
+        for e in chosen:
+            self.expert_tokens[e] += x.size(0)
+        y = self.experts[chosen[0]](x) * weights[:, :1]
+        for slot, e in enumerate(chosen[1:], start=1):
+            y = y + self.experts[e](x) * weights[:, slot:slot + 1]
+        return y
+
+    def dispatch(self, x, weights, experts):
+        """Dropless dispatch of the N*k token-expert assignments: sorted by expert, each expert runs once on
+        its contiguous slice of token rows, and the outputs, scaled by their weights, add back into place."""
+        flat = experts.view(-1)  # (N*k,)
+        order = flat.argsort(stable=True)
+        sizes = torch.bincount(flat, minlength=self.num_experts).tolist()  # assignments per expert
+        self.expert_tokens = [a + b for a, b in zip(self.expert_tokens, sizes)]
+        token = order // self.top_k  # (N*k,) the token of each sorted assignment
+        xs = x[token]  # (N*k, C)
+        # While training, an expert with no tokens still runs (on 0 rows): its parameters then get a zero
+        # gradient, so DDP's all-reduce sees every parameter on every rank. At inference it is skipped.
+        ys = [expert(chunk) for expert, chunk, n in zip(self.experts, xs.split(sizes), sizes) if n or self.training]
+        gate = weights.view(-1)[order].unsqueeze(1)  # (N*k, 1)
+        return torch.zeros_like(x).index_add_(0, token, torch.cat(ys) * gate)  # (N, C)
+
+    def router_losses(self, logits, probs, experts):
+        """Switch's balance loss E * sum_i f_i * P_i (f_i: share of the token-expert assignments routed to
+        expert i, P_i: mean router probability of expert i; 1 when uniform, E when one expert takes every
+        token with certainty) and the z-loss mean(logsumexp(logits)^2), which keeps the logits small."""
+        f = F.one_hot(experts, self.num_experts).float().mean(dim=(0, 1))  # (E,)
+        balance = self.num_experts * (f * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        return {'moe_balance': (self.aux_weights[0], balance), 'router_z': (self.aux_weights[1], z)}
+
+    def flops_per_token(self):
+        """Matmul FLOPs (2 per multiply-add) one token executes: the router and top_k experts."""
+        C, E = self.router.in_features, self.num_experts
+        return 2 * C * E + self.top_k * 2 * 2 * C * 4 * C
+
+    def reset_expert_load(self):
+        # token-expert assignments per expert since the last reset, counted on the host (the split sizes
+        # are there anyway): per process, not saved, and not a buffer that DDP would overwrite from rank 0
+        self.expert_tokens = [0] * self.num_experts
+
+    def expert_load(self):
+        """Fraction of the token-expert assignments each expert received since the last reset."""
+        return [n / max(1, sum(self.expert_tokens)) for n in self.expert_tokens]
+
+
+def ffn_flops_per_token(mlp):
+    """Matmul FLOPs one token executes in an FFN slot: the module's own count, or a dense MLP's."""
+    if hasattr(mlp, 'flops_per_token'):
+        return mlp.flops_per_token()
+    return 2 * (mlp.c_fc.weight.numel() + mlp.c_proj.weight.numel())
+
 
 ATTN = {
     'full': lambda config, layer: CausalSelfAttention(config),
@@ -17,4 +190,6 @@ ATTN = {
 
 FFN = {
     'dense': lambda config, layer: MLP(config),
+    'topk': lambda config, layer: TopKMLP(config),
+    'moe': lambda config, layer: MoEMLP(config),
 }

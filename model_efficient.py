@@ -16,8 +16,37 @@ from model import GPT, GPTConfig, LayerNorm
 class EfficientGPTConfig(GPTConfig):
     # Each mechanism adds its group of fields here, off by default; conflicts go in __post_init__.
 
+    # sparse activation: top-k MLP (efficient_modules.TopKMLP)
+    enable_sparse_activation: bool = False
+    sparsity_ratio: float = 0.1  # fraction of the 4 * n_embd hidden units each token keeps
+    sparse_layers: str = 'all'  # which layers are top-k MLPs (a pattern, see expand_layers)
+    # dynamic routing: mixture-of-experts MLP (efficient_modules.MoEMLP)
+    enable_dynamic_routing: bool = False
+    num_experts: int = 4  # each expert is a full-size MLP
+    experts_top_k: int = 1  # experts per token: 1 (Switch) or 2 (weights renormalised to sum to 1)
+    router_aux_loss_weight: float = 0.01  # Switch load-balancing loss E * sum_i f_i * P_i
+    router_z_loss_weight: float = 0.001  # ST-MoE z-loss: mean logsumexp(router logits)^2
+    moe_layers: str = 'all'  # which layers are MoE MLPs
+
     def __post_init__(self):
-        pass
+        self.check_sparse_and_routing()
+
+    def check_sparse_and_routing(self):
+        if not 0 < self.sparsity_ratio <= 1:
+            raise ValueError(f"sparsity_ratio must be in (0, 1] (the fraction of hidden units kept), not {self.sparsity_ratio}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be at least 1, not {self.num_experts}")
+        if self.experts_top_k not in (1, 2) or self.experts_top_k > self.num_experts:
+            raise ValueError(f"experts_top_k must be 1 or 2 and at most num_experts ({self.num_experts}), "
+                             f"not {self.experts_top_k}")
+        if self.router_aux_loss_weight < 0 or self.router_z_loss_weight < 0:
+            raise ValueError("router_aux_loss_weight and router_z_loss_weight must be >= 0")
+        sparse = expand_layers(self.sparse_layers, self.n_layer)
+        moe = expand_layers(self.moe_layers, self.n_layer)
+        both = [i for i in range(self.n_layer) if sparse[i] and moe[i]]
+        if self.enable_sparse_activation and self.enable_dynamic_routing and both:
+            raise ValueError(f"layers {both} are both top-k (sparse_layers={self.sparse_layers!r}) and MoE "
+                             f"(moe_layers={self.moe_layers!r}): a layer has one MLP, choose disjoint patterns")
 
 
 def expand_layers(pattern, n_layer):
@@ -54,7 +83,10 @@ class LayerPlan:
     @classmethod
     def from_config(cls, config):
         L = config.n_layer
-        return cls(attn=('full',) * L, ffn=('dense',) * L)
+        sparse = expand_layers(config.sparse_layers, L) if config.enable_sparse_activation else (False,) * L
+        moe = expand_layers(config.moe_layers, L) if config.enable_dynamic_routing else (False,) * L
+        ffn = tuple('moe' if moe[i] else 'topk' if sparse[i] else 'dense' for i in range(L))
+        return cls(attn=('full',) * L, ffn=ffn)
 
 
 class EfficientBlock(nn.Module):
