@@ -18,9 +18,11 @@ from model import MLP, CausalSelfAttention
 
 class TopKMLP(MLP):
     """nanoGPT's MLP (same parameter names, so a dense checkpoint loads) that keeps, per token, only the
-    k hidden units of largest magnitude after the GELU and zeroes the rest (Lazy Neuron, TEAL).
-    Magnitude, not value: GELU outputs can be negative (down to -0.17), and the dropped units' error
-    sum_i a_i * w_i is smallest when the smallest |a_i| are dropped; k = hidden is the dense MLP.
+    k hidden units with the largest pre-activations and zeroes the rest (Lazy Neuron, TEAL).
+    Largest value, not magnitude: GELU rises monotonically from -0.17 at u = -0.75, so the k largest
+    pre-activations u are the k largest GELU outputs whenever more than k units have u > -0.75, and a dropped
+    negative output is at most 0.17 in size. Selecting on u lets GELU run on the k kept units only.
+    k = hidden is the dense MLP.
 
     Two paths compute the same function:
       masked   (training, and the reference): the full down-projection over the zeroed activations,
@@ -41,15 +43,14 @@ class TopKMLP(MLP):
         return self.forward_gathered(x)
 
     def top_units(self, x):
-        """Up-projection and the k kept units per token: values (B, T, k) and their indices (B, T, k)."""
-        h = self.gelu(self.c_fc(x))  # (B, T, 4C)
-        idx = h.abs().topk(self.k, dim=-1, sorted=False).indices  # (B, T, k)
-        return h.gather(-1, idx), idx
+        """The k kept units per token: their GELU outputs (B, T, k) and indices (B, T, k)."""
+        u, idx = self.c_fc(x).topk(self.k, dim=-1, sorted=False)  # (B, T, k) of the (B, T, 4C) pre-activations
+        return self.gelu(u), idx
 
     def forward_masked(self, x):
         vals, idx = self.top_units(x)
         h = torch.zeros(*x.shape[:-1], self.hidden, dtype=vals.dtype, device=x.device).scatter(-1, idx, vals)
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
     def forward_gathered(self, x):
         B, T, C = x.shape
