@@ -21,8 +21,10 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit
+from efficient_modules import MoEMLP, TopKMLP, ffn_flops_per_token, set_topk_gather
 from evaluate import bits, evaluate_loss, fixed_windows
-from model import GPT, GPTConfig
+from model import GPT, MLP, GPTConfig
+from model_efficient import EfficientGPTConfig
 from sample import REPO, autocast, fail, pick_device, pick_dtype
 from tokenizer import ensure_prepared
 
@@ -44,6 +46,7 @@ DEFAULTS = dict(
     seed=1337,  # random weights, prompts and prefill tokens
     val_data='',  # a dataset folder: adds the deterministic validation loss of its val.bin
     val_windows=0,  # score only the first val_windows fixed windows; 0: all of them
+    baseline='',  # the baseline checkpoint the sparse_* rows compare against (decode speed, val loss)
     json='',  # write every figure and the settings to this path
 )
 
@@ -147,6 +150,100 @@ def val_loss(b):
                 val_loss=loss, val_bits=bits(loss))
 
 
+# --- top-k sparse MLP and mixture of experts (efficient_modules.TopKMLP, MoEMLP) ----------------------------
+
+def ffn_slots(model):
+    return [block.mlp for block in model.transformer.h]
+
+
+def ffn_paths(mlps, other):
+    """The inference paths to measure: a top-k model's gathered and masked ones, else one named `other`."""
+    return {'gathered': True, 'masked': False} if any(isinstance(x, TopKMLP) for x in mlps) else {other: True}
+
+
+def sparse_decode(b):
+    """top-k / MoE: cached decode vs the cached baseline, batch 1 and batched (top-k: gathered and masked)"""
+    mlps = ffn_slots(b.model)
+    if not any(isinstance(x, (TopKMLP, MoEMLP)) for x in mlps) or b.baseline is None:
+        return None
+    paths, fig, tokens = ffn_paths(mlps, 'moe'), {}, {}
+    for prompt in (b.prompt[:1], b.prompt):
+        B = prompt.size(0)
+        for name, gather in paths.items():
+            set_topk_gather(b.model, gather)
+            gen = lambda m: lambda: m.generate(prompt, b.new_tokens, temperature=0)  # noqa: E731
+            tokens[name], _, t = time_pair(gen(b.model), gen(b.baseline), b.runs, B * b.new_tokens, b.sync)
+            fig.update({f'b{B}_{name}_tok_s': t['a'], f'b{B}_baseline_tok_s': t['b'],
+                        f'b{B}_{name}_vs_baseline': t['ratio']})
+        if 'masked' in tokens:  # the two top-k paths compute the same function: the same greedy tokens
+            fig[f'b{B}_gathered_equals_masked_tokens'] = torch.equal(tokens['gathered'], tokens['masked'])
+    set_topk_gather(b.model, True)
+    return fig
+
+
+def sparse_compute(b):
+    """top-k / MoE: matmul FLOPs executed per generated token, and expert load (batch-1 greedy decode)"""
+    m, mlps = b.model, ffn_slots(b.model)
+    if not any(isinstance(x, (TopKMLP, MoEMLP)) for x in mlps):
+        return None
+    ctx = (b.new_tokens + 1) / 2  # mean positions attended, as in compute
+    # dense_flops_per_token counts every weight once; replace the FFN slots' weights by what they execute
+    rest = dense_flops_per_token(m, ctx) - 2 * sum(p.numel() for x in mlps for p in x.parameters())
+    fig = dict(mean_ctx=ctx, baseline_flops_per_token=dense_flops_per_token(b.baseline or m, ctx),
+               all_weights_flops_per_token=dense_flops_per_token(m, ctx))
+    for name, gather in ffn_paths(mlps, 'executed').items():
+        set_topk_gather(m, gather)
+        fig[f'{name}_flops_per_token'] = rest + sum(ffn_flops_per_token(x) for x in mlps)
+    set_topk_gather(m, True)
+    moes = [x for x in mlps if isinstance(x, MoEMLP)]
+    if moes:
+        for x in moes:
+            x.reset_expert_load()
+        m.generate(b.prompt[:1], b.new_tokens, temperature=0)
+        fig['decode_expert_load_per_layer'] = [[round(f, 3) for f in x.expert_load()] for x in moes]
+    return fig
+
+
+def sparse_quality(b):
+    """top-k / MoE: validation loss vs the baseline over the same fixed windows (and expert load on them)"""
+    mlps = ffn_slots(b.model)
+    if not b.val_data or b.baseline is None or not any(isinstance(x, (TopKMLP, MoEMLP)) for x in mlps):
+        return None
+    ensure_prepared(b.val_data, ('val.bin',))
+    data = np.memmap(os.path.join(b.val_data, 'val.bin'), dtype=np.uint16, mode='r')
+    T, windows = b.model.config.block_size, b.val_windows or None
+    moes = [x for x in mlps if isinstance(x, MoEMLP)]
+    for x in moes:
+        x.reset_expert_load()
+    loss = evaluate_loss(b.model, data, T, b.batch, windows, b.device)
+    base = evaluate_loss(b.baseline, data, T, b.batch, windows, b.device)
+    fig = dict(windows=len(fixed_windows(data, T, windows)), val_loss=loss, baseline_val_loss=base,
+               quality_delta=(loss - base) / base)
+    if moes:
+        fig['val_expert_load_per_layer'] = [[round(f, 3) for f in x.expert_load()] for x in moes]
+    return fig
+
+
+def mlp_micro(b):
+    """per-MLP microbenchmark, one token: gathered top-k vs dense MLP (same weights) at 128, 384, 768 dims"""
+    if not any(isinstance(x, TopKMLP) for x in ffn_slots(b.model)):
+        return None
+    fig, calls = dict(sparsity_ratio=b.model.config.sparsity_ratio, calls_per_run=100), 100
+    g = torch.Generator().manual_seed(b.seed)
+    for C in (128, 384, 768):
+        config = EfficientGPTConfig(n_embd=C, bias=b.model.config.bias, sparsity_ratio=b.model.config.sparsity_ratio)
+        dense = MLP(config).to(b.device).eval()
+        sparse = TopKMLP(config).to(b.device).eval()
+        sparse.load_state_dict(dense.state_dict())
+        x = torch.randn(1, 1, C, generator=g).to(b.device)
+        loop = lambda mlp: lambda: [mlp(x) for _ in range(calls)]  # noqa: E731
+        _, _, t = time_pair(loop(sparse), loop(dense), b.runs, calls, b.sync)
+        fig.update({f'd{C}_gathered_calls_s': t['a'], f'd{C}_dense_calls_s': t['b'],
+                    f'd{C}_gathered_vs_dense': t['ratio'], f'd{C}_gathered_flops': sparse.flops_per_token(),
+                    f'd{C}_dense_flops': ffn_flops_per_token(dense)})
+    return fig
+
+
 def memory(b):
     """peak memory of the process (after every row above)"""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -159,7 +256,7 @@ def memory(b):
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
-                                memory)}
+                                sparse_decode, sparse_compute, sparse_quality, mlp_micro, memory)}
 
 
 def fmt(key, v):
@@ -199,16 +296,18 @@ def main():
     model = load_model(config).eval().to(device)
     if config['compile']:
         model.compile()  # compiles model(...), which both generation paths call
+    baseline = load_model({**config, 'ckpt': config['baseline']}).eval().to(device) if config['baseline'] else None
     V, T = model.config.vocab_size, model.config.block_size
     g = torch.Generator().manual_seed(config['seed'])
     b = SimpleNamespace(
-        model=model, device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],
+        model=model, baseline=baseline, seed=config['seed'], device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],
         val_data=config['val_data'], val_windows=config['val_windows'],
         prompt=torch.randint(V, (config['batch'], 1), generator=g).to(device),  # one-token prompts (B, 1)
         prefill_x=torch.randint(V, (config['batch'], T), generator=g).to(device),  # (B, block_size)
         sync={'cuda': torch.cuda.synchronize, 'mps': torch.mps.synchronize}.get(device.split(':')[0], lambda: None),
     )
     setup = dict(command=' '.join(['python bench.py', *sys.argv[1:]]), model=config['ckpt'] or 'random weights',
+                 baseline=config['baseline'] or 'none',
                  model_type=type(model).__name__, params=model.get_num_params(non_embedding=False),
                  params_non_embedding=model.get_num_params(), device=device, dtype=dtype,
                  threads=torch.get_num_threads(), torch=torch.__version__, compile=config['compile'],

@@ -122,7 +122,8 @@ def test_bench_tiny_random_model_json(tmp_path):
     report = json.loads((tmp_path / 'bench.json').read_text())
     for key in ('device', 'dtype', 'threads', 'torch', 'compile', 'params', 'block_size', 'new_tokens', 'batch'):
         assert key in report['setup'], key
-    assert list(report['rows']) == list(ROWS)
+    generic = ['decode', 'decode_batch', 'prefill', 'prefill_batch', 'past_block', 'compute', 'val_loss', 'memory']
+    assert [r for r in ROWS if r in generic] == generic and set(report['rows']) == set(generic)  # mechanism rows skip a GPT
     for row in ('decode', 'decode_batch', 'past_block'):
         figures = report['rows'][row]
         assert figures['identical_tokens'] is True

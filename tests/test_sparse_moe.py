@@ -2,20 +2,23 @@
 against the dense MLP, the router losses on hand-made routings, causality, and DDP with idle experts.
 Run as a script under torchrun, this file is the DDP worker of test_moe_ddp_with_an_idle_expert."""
 
+import json
 import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
 
+from checkpoint import model_checkpoint, save_checkpoint
 from conftest import ROOT
 from efficient_modules import MoEMLP, TopKMLP, ffn_flops_per_token, set_topk_gather
 from model import GPT, GPTConfig, MLP
 from model_efficient import EfficientGPT, EfficientGPTConfig, LayerPlan
 from test_train import tiny_data, train  # noqa: F401 (tiny_data is a fixture)
+from tokenizer import char_meta
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50, dropout=0.0, bias=True)
 
@@ -210,6 +213,38 @@ def test_training_with_topk_and_moe_layers(tmp_path, tiny_data):
     assert 'moe_balance' in r.stdout and 'router_z' in r.stdout
 
 
+def test_bench_rows_for_topk_and_moe(tmp_path):
+    """bench.py's sparse rows on tiny checkpoints: both top-k paths decode the same tokens, the FLOPs counts
+    follow the executed work, and MoE reports its expert load."""
+    meta = char_meta(''.join(chr(65 + i) for i in range(50)))
+    paths = {}
+    for name, kw in [('base', {}), ('topk', dict(enable_sparse_activation=True)),
+                     ('moe', dict(enable_dynamic_routing=True, experts_top_k=2))]:
+        model = EfficientGPT(cfg(bias=False, **kw)) if kw else GPT(GPTConfig(**{**TINY, 'bias': False}))
+        paths[name] = str(tmp_path / f'{name}.pt')
+        save_checkpoint({**model_checkpoint(model, meta), 'iter_num': 0, 'best_val_loss': 9.9}, paths[name])
+    (np.arange(200) % 50).astype(np.uint16).tofile(tmp_path / 'val.bin')
+    rows = {}
+    for name in ('topk', 'moe'):
+        cmd = [sys.executable, os.path.join(ROOT, 'bench.py'), f'--ckpt={paths[name]}', f"--baseline={paths['base']}",
+               '--rows=sparse_decode,sparse_compute,sparse_quality,mlp_micro', '--new_tokens=6', '--runs=1',
+               '--batch=2', '--device=cpu', f'--val_data={tmp_path}', '--val_windows=2', f'--json={tmp_path}/{name}.json']
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+        assert r.returncode == 0, r.stderr
+        rows[name] = json.loads((tmp_path / f'{name}.json').read_text())['rows']
+    topk, moe = rows['topk'], rows['moe']
+    assert topk['sparse_decode']['b1_gathered_equals_masked_tokens'] and topk['sparse_decode']['b2_gathered_equals_masked_tokens']
+    flops = topk['sparse_compute']
+    assert flops['gathered_flops_per_token'] < flops['masked_flops_per_token'] == flops['baseline_flops_per_token']
+    assert set(topk['mlp_micro']) >= {'d128_gathered_vs_dense', 'd384_gathered_vs_dense', 'd768_gathered_vs_dense'}
+    flops = moe['sparse_compute']
+    C, L, E = 32, 2, 4
+    # top-2: two experts' MLPs and the router per layer, against the baseline's one MLP
+    assert flops['executed_flops_per_token'] == flops['baseline_flops_per_token'] + L * (2 * 2 * C * 4 * C + 2 * C * E)
+    assert len(moe['sparse_compute']['decode_expert_load_per_layer']) == L
+    assert moe['sparse_quality']['windows'] == 2 and 'mlp_micro' not in moe
+
+
 def ddp_worker():
     """Each rank routes its own tokens: rank 1's tokens avoid expert 3 entirely. Two steps must run (DDP
     raises at the next forward when a parameter got no gradient) and leave identical weights."""
@@ -239,11 +274,10 @@ def ddp_worker():
 
 def test_moe_ddp_with_an_idle_expert():
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', __file__]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, ROOT)
     ddp_worker()
