@@ -57,8 +57,8 @@ class TopKMLP(MLP):
         vals, idx = self.top_units(x)
         # y[n] = sum_j vals[n, j] * W.T[idx[n, j]]: k rows of C numbers per token instead of 4C
         rows = self.down_rows()  # (4C, C)
-        y = F.embedding_bag(idx.view(B * T, self.k), rows, per_sample_weights=vals.view(B * T, self.k).to(rows.dtype),
-                            mode='sum')  # (B*T, C)
+        weights = vals.view(B * T, self.k).to(rows.dtype)
+        y = F.embedding_bag(idx.view(B * T, self.k), rows, per_sample_weights=weights, mode='sum')  # (B*T, C)
         if self.c_proj.bias is not None:
             y = y + self.c_proj.bias
         return self.dropout(y.view(B, T, C))

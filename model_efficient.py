@@ -33,7 +33,8 @@ class EfficientGPTConfig(GPTConfig):
 
     def check_sparse_and_routing(self):
         if not 0 < self.sparsity_ratio <= 1:
-            raise ValueError(f"sparsity_ratio must be in (0, 1] (the fraction of hidden units kept), not {self.sparsity_ratio}")
+            raise ValueError(f"sparsity_ratio must be in (0, 1] (the fraction of hidden units kept), "
+                             f"not {self.sparsity_ratio}")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be at least 1, not {self.num_experts}")
         if self.experts_top_k not in (1, 2) or self.experts_top_k > self.num_experts:
