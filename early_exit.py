@@ -122,14 +122,19 @@ def learned(model, layer, x, x_prev):
 CRITERIA = {f.__name__: f for f in (max_prob, margin, saturation, learned)}
 
 
-def kv_projection(block, x):
-    """K and V of hidden state x (1, T, C) for this block: ln_1 and the K/V rows of c_attn only,
-    the query and everything after attention are not computed. -> two (1, nh, T, hs)"""
-    attn = block.attn
-    C = attn.n_embd
-    bias = attn.c_attn.bias[C:] if attn.c_attn.bias is not None else None
-    k, v = F.linear(block.ln_1(x), attn.c_attn.weight[C:], bias).split(C, dim=2)
-    return attn.heads(k), attn.heads(v)
+def folded_kv(blocks):
+    """The K/V rows of c_attn of these blocks with each ln_1's scale and shift folded in, stacked, so that
+    CALM's state propagation into all of them is one normalisation and one matmul:
+    K/V of layer m = c_attn_kv(ln_1_m(x)) = (W_m * g_m) norm(x) + (W_m b_m + c_m).
+    -> weight (len(blocks) * 2C, C) and bias (len(blocks) * 2C,)"""
+    weights, biases = [], []
+    for block in blocks:
+        C = block.attn.n_embd
+        w, ln = block.attn.c_attn.weight[C:], block.ln_1  # (2C, C): the K and V rows
+        b = block.attn.c_attn.bias[C:] if block.attn.c_attn.bias is not None else torch.zeros_like(w[:, 0])
+        weights.append(w * ln.weight)
+        biases.append(b + w @ ln.bias if ln.bias is not None else b)
+    return torch.cat(weights), torch.cat(biases)
 
 
 def flop_costs(model):
@@ -152,6 +157,8 @@ class EarlyExitDecoder:
         self.threshold = c.exit_threshold if threshold is None else threshold
         self.cache = model.new_cache(1)
         self.cost, self.flops = flop_costs(model), 0.0
+        # per exit layer, the folded K/V weights of every layer after it (recomputed per decoder: weights may train)
+        self.propagation = [folded_kv(self.blocks[l + 1:]) if e else None for l, e in enumerate(model.plan.exit)]
 
     def step(self, token):
         """token (1, 1) at the next position -> (logits (1, V) for the token after it, layers run)."""
@@ -165,12 +172,22 @@ class EarlyExitDecoder:
             confidence, logits = check(m, l, x, x_prev)
             self.flops += cost['head']
             if confidence.item() >= self.threshold:  # the one host sync of an exit layer
-                for block_m, cache_m in zip(self.blocks[l + 1:], self.cache[l + 1:]):
-                    cache_m.update(*kv_projection(block_m, x))  # CALM: K/V of skipped layers from the exit state
-                self.flops += cost['kv'] * (len(self.blocks) - l - 1)
+                self.propagate(x, l)
                 return (exit_logits(m, x) if logits is None else logits)[:, -1], l + 1
         self.flops += cost['head']
         return exit_logits(m, x)[:, -1], len(self.blocks)
+
+    def propagate(self, x, layer):
+        """CALM's state propagation: the layers after `layer` are not run for this token, but later tokens
+        attend to it there, so their caches get K/V computed from the exit state x (1, 1, C)."""
+        w, b = self.propagation[layer]
+        skipped = self.cache[layer + 1:]
+        attn = self.blocks[-1].attn
+        kv = F.linear(F.layer_norm(x, x.shape[-1:], eps=1e-5), w, b)  # (1, 1, skipped * 2C), LayerNorm's eps
+        kv = kv.view(len(skipped), 2, 1, attn.n_head, 1, attn.n_embd // attn.n_head)  # per layer, K and V (1, nh, 1, hs)
+        for cache, (k, v) in zip(skipped, kv):
+            cache.update(k, v)
+        self.flops += self.cost['kv'] * len(skipped)
 
 
 def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats):
