@@ -190,14 +190,18 @@ class EarlyExitDecoder:
         self.flops += self.cost['kv'] * len(skipped)
 
 
-def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats):
+def stream_early_exit(model, idx, max_new_tokens, temperature, top_k, generator, stats, vocab_size=None):
+    """Yield each new token (1, 1) of idx (1, T) as it is sampled, with the number of layers that produced
+    its distribution; fills stats at the end. vocab_size cuts the logits (a padded embedding table's
+    extra rows are not tokens)."""
     dec = EarlyExitDecoder(model)
     L, T = model.config.n_layer, model.config.block_size
     logits, depth = model.next_logits(idx, dec.cache), L  # the prompt runs through every layer
     depths, fallback = [], 0
     for i in range(max_new_tokens):
         depths.append(depth)
-        idx_next = sample_next(logits, temperature, top_k, generator)  # (1, 1)
+        idx_next = sample_next(logits[:, :vocab_size], temperature, top_k, generator)  # (1, 1)
+        yield idx_next, depth
         idx = torch.cat((idx, idx_next), dim=1)
         if i == max_new_tokens - 1:
             break
@@ -209,7 +213,11 @@ def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator,
     stats.update(exit_layers=depths, mean_exit_layer=sum(depths) / max(1, len(depths)),
                  layers_run_fraction=sum(depths) / max(1, L * len(depths)), fallback_tokens=fallback,
                  flops_per_token=dec.flops / max(1, len(depths) - 1 - fallback))
-    return idx
+
+
+def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats):
+    new = [t for t, _ in stream_early_exit(model, idx, max_new_tokens, temperature, top_k, generator, stats)]
+    return torch.cat([idx, *new], dim=1)
 
 
 def token_probs(logits, temperature, top_k):

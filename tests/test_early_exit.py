@@ -1,15 +1,20 @@
+import json
+import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from conftest import ROOT
 from early_exit import EarlyExitDecoder, token_probs
 from evaluate import decode_consistent_loss, evaluate_loss
 from model import GPT, GPTConfig
 from model_efficient import EfficientGPT, EfficientGPTConfig
 from test_train import tiny_data, train  # noqa: F401 (tiny_data is a fixture)
+from tokenizer import char_meta, load_tokenizer
 
 
 def make(tiny_args, seed=0, **kw):
@@ -217,3 +222,55 @@ def test_ddp_trains_with_early_exit(tmp_path, tiny_data):
     ckpt = load_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'))
     assert ckpt['iter_num'] == 3 and any(k.startswith('exit_heads.') for k in ckpt['model'])
     assert 'exit1_ce' in r.stdout, r.stdout
+
+
+def run(script, *args, cwd):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}  # one thread, like the test process: bit-identical logits
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture
+def checkpoints(tmp_path, tiny_args):
+    """A tiny early-exit model and a baseline GPT saved as checkpoints of a char vocabulary."""
+    meta = char_meta("abcdefgh\n ")
+    args = {**tiny_args, 'vocab_size': meta['vocab_size'], 'block_size': 64}
+    model = make(args, exit_criterion='max_prob', exit_threshold=0.11)  # near uniform: mixed exit layers
+    torch.manual_seed(1)
+    gpt = GPT(GPTConfig(**args)).eval()
+    for name, m in (('ee', model), ('base', gpt)):
+        save_checkpoint({**model_checkpoint(m, meta), 'iter_num': 0, 'best_val_loss': 9.9}, str(tmp_path / name / 'ckpt.pt'))
+    (np.arange(300) % meta['vocab_size']).astype(np.uint16).tofile(tmp_path / 'val.bin')
+    return model, load_tokenizer(meta)
+
+
+def test_sample_show_compute_marks_each_character_with_its_exit_layer(tmp_path, checkpoints):
+    model, tok = checkpoints
+    r = run('sample.py', '--out_dir=ee', '--show_compute', '--start=ab', '--temperature=0', '--num_samples=1',
+            '--max_new_tokens=40', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    stats = {}
+    idx = model.generate(torch.tensor([tok.encode('ab')]), 40, temperature=0, decode='early_exit', stats=stats)
+    text = tok.decode(idx[0].tolist())
+    body, tail = r.stdout.rsplit('\nmean exit layer ', 1)
+    lines = body.split('\n')
+    assert '\n'.join(lines[0::2]) == text  # text lines, each followed by its marks
+    marks = ''.join(m.strip() for m in lines[1::2])
+    assert [int(d) for d in marks] == [d for d, ch in zip(stats['exit_layers'], text[2:]) if ch != '\n']
+    assert tail.startswith(f"{stats['mean_exit_layer']:.2f} of 4") and len(set(marks)) > 1
+    r = run('sample.py', '--out_dir=base', '--show_compute', cwd=tmp_path)
+    assert r.returncode == 2 and 'enable_early_exit' in r.stderr
+
+
+def test_bench_early_exit_rows(tmp_path, checkpoints):
+    r = run('bench.py', '--ckpt=ee/ckpt.pt', '--baseline=base/ckpt.pt', f'--val_data={tmp_path}', '--exit_windows=1',
+            '--rows=exit_full,early_exit,speculative', '--new_tokens=20', '--runs=1', '--device=cpu',
+            '--exit_sweep=max_prob:2,0.1;margin:0.05', '--spec_sweep=1:2,2:3', '--json=b.json', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / 'b.json').read_text())['rows']
+    sweep = rows['early_exit']
+    assert sweep['tokens_scored'] == 64 and {'max_prob@2.0', 'max_prob@0.1', 'margin@0.05'} <= sweep.keys()
+    assert sweep['max_prob@2.0']['val_loss'] == pytest.approx(sweep['full_val_loss'], rel=1e-5)
+    assert sweep['max_prob@2.0']['gen_exit_layer'] == 4 and sweep['max_prob@0.1']['val_exit_layer'] < 4
+    assert all(s['identical_tokens'] for s in rows['speculative'].values())
+    assert 'ratio' in rows['exit_full']
