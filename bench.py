@@ -21,6 +21,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit
+from early_exit import CRITERIA, EarlyExitDecoder, exit_logits
 from evaluate import bits, decode_consistent_loss, evaluate_loss, fixed_windows
 from model import GPT, GPTConfig
 from sample import REPO, autocast, fail, pick_device, pick_dtype
@@ -214,6 +215,41 @@ def speculative(b):
     return out
 
 
+def exit_costs(b):
+    """early exit cost breakdown, batch 1, mid-generation (new_tokens / 2 cached positions): microseconds"""
+    if b.baseline is None:
+        return None
+    m, base, ctx = b.model, b.baseline, b.new_tokens // 2
+    dec, base_cache = EarlyExitDecoder(m, threshold=2.0), base.new_cache(1)  # threshold 2: runs every layer
+    for t in torch.randint(m.config.vocab_size, (ctx,), generator=torch.Generator().manual_seed(0)):
+        dec.step(t.view(1, 1))
+        base(t.view(1, 1), cache=base_cache)
+    x = m.embed(b.prompt[:1], ctx)  # (1, 1, C)
+
+    def us(fn, calls=200, repeats=5):
+        """Median over repeats of the mean time of one call, in microseconds; caches are rolled back."""
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+                for c in (*dec.cache, *base_cache):
+                    c.truncate(ctx)
+            b.sync()
+            times.append((time.perf_counter() - t0) / calls * 1e6)
+        return statistics.median(times)
+
+    out = dict(cached_positions=ctx, baseline_block_us=us(lambda: base.transformer.h[0](x, base_cache[0])),
+               block_us=us(lambda: m.transformer.h[0](x, dec.cache[0])), head_us=us(lambda: exit_logits(m, x)),
+               truncate_only_us=us(lambda: None))
+    for name, criterion in CRITERIA.items():  # the check after layer 0, with its one host sync
+        out[f'check_{name}_us'] = us(lambda: criterion(m, 0, x, x)[0].item())
+    for layer in (0, m.config.n_layer // 2):
+        if m.plan.exit[layer]:
+            out[f'propagate_from_layer_{layer + 1}_us'] = us(lambda: dec.propagate(x, layer))
+    return out
+
+
 def memory(b):
     """peak memory of the process (after every row above)"""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -226,7 +262,7 @@ def memory(b):
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
-                                exit_full, early_exit, speculative, memory)}
+                                exit_full, early_exit, speculative, exit_costs, memory)}
 
 
 def fmt(key, v):
