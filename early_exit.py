@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from model import sample_next
 
 
-def keep_output(x, y):
+def keep_output(x, y, training):
     """A block's exit point when early exit is off: the block's output, untouched."""
     return y
 
@@ -38,18 +38,19 @@ def no_losses(model, targets, logits):
     return {}
 
 
-class ExitPoint(nn.Module):
-    """End of one block: LayerSkip's layer dropout in training, and the output kept for the exit loss."""
+class ExitPoint:
+    """End of one block: LayerSkip's layer dropout in training, and the output kept for the exit loss.
+    A plain callable, not an nn.Module: it has no parameters, and a module call per block per token would
+    cost decode time for nothing."""
 
     def __init__(self, config, layer):
-        super().__init__()
         # LayerSkip drops deeper layers more often: 0 for the first layer, layer_dropout for the last
         self.drop_rate = config.layer_dropout * layer / max(1, config.n_layer - 1)
         self.state = None  # (B, T, C) output of the last forward, read by ExitHeads.losses
 
-    def forward(self, x, y):
+    def __call__(self, x, y, training):
         # x: the block's input, y: its output, (B, T, C)
-        if self.training and self.drop_rate > 0:
+        if training and self.drop_rate > 0:
             keep = torch.rand(x.size(0), 1, 1, device=x.device) >= self.drop_rate  # per sample, (B, 1, 1)
             y = torch.where(keep, y, x)
         self.state = y

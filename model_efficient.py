@@ -95,7 +95,7 @@ class EfficientBlock(nn.Module):
     def forward(self, x, cache=None):
         y = x + self.attn(self.ln_1(x), cache)
         y = y + self.mlp(self.ln_2(y))
-        return self.exit(x, y)
+        return self.exit(x, y, self.training)
 
 
 class EfficientGPT(GPT):
