@@ -1,7 +1,7 @@
 # Early exit on the CPU benchmark model: load AFTER config/train_bench_cpu.py, which sets everything else
 # (same data, steps and seed as the baseline).
 # $ python train_efficient.py config/train_bench_cpu.py config/train_bench_early_exit.py
-# Then: python bench.py --ckpt=out-bench-early-exit/ckpt.pt --baseline=out-bench-baseline/ckpt.pt ...
+# Measured with the bench.py command in the README section "Early exit and self-speculative decoding".
 
 out_dir = 'out-bench-early-exit'
 model_type = 'efficient'

@@ -152,16 +152,17 @@ def test_speculative_sampling_preserves_the_distribution(tiny_args):
         expected = (p_a[:, None] * p_b).flatten()
         x = model.transformer.h[0](model.embed(prompt))
         q_a = token_probs(model.lm_head(model.transformer.ln_f(x))[0, -1], temperature, None)
-    assert 0.5 * (p_a - q_a).abs().sum() > 0.15  # the draft is a different distribution
+    assert 0.5 * (p_a - q_a).abs().sum() > 0.1  # the draft is a different distribution (total variation)
     g = torch.Generator().manual_seed(0)
-    counts, stats = torch.zeros(V * V), {}
+    counts, stats, rejected = torch.zeros(V * V), {}, 0
     for _ in range(N):
         out = model.generate(prompt, 2, temperature=temperature, decode='speculative', generator=g, stats=stats)
         counts[out[0, 2] * V + out[0, 3]] += 1
+        rejected += stats['drafted'] - stats['accepted']
     freq = counts / N
     sigma = (expected * (1 - expected) / N).sqrt()
     assert ((freq - expected).abs() <= 4.5 * sigma + 1e-4).all()
-    assert stats['acceptance_rate'] < 1
+    assert rejected > N / 10  # the residual distribution was exercised often
 
 
 def every_exit_logits(model, emb):
