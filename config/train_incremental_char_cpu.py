@@ -12,7 +12,7 @@ final_eval_windows = 400  # each R entry: the first 400 validation windows of 64
 
 dataset = 'continual_char'
 incremental_tasks = 'A,B'
-iters_per_task = 600
+iters_per_task = 300
 batch_size = 12
 block_size = 64
 
@@ -22,8 +22,8 @@ n_embd = 128
 dropout = 0.0
 
 learning_rate = 2e-3
-warmup_iters = 50
-lr_decay_iters = 600  # = iters_per_task: every stage decays to min_lr
+warmup_iters = 30
+lr_decay_iters = 300  # = iters_per_task: every stage decays to min_lr
 min_lr = 2e-4
 beta2 = 0.99
 

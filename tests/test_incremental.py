@@ -272,3 +272,32 @@ def test_a_character_outside_the_checkpoint_vocabulary_is_named(tmp_path, tasks_
     (new / 'meta.json').write_text(json.dumps(meta))
     r = train(tmp_path / 'out', new, '--incremental_tasks=A', '--iters_per_task=4', '--init_from=resume', check=False)
     assert r.returncode == 2 and "outside the checkpoint's vocabulary" in r.stderr and "'é'" in r.stderr, r.stderr
+
+
+def test_experiment_tables(capsys):
+    import incremental_experiment as exp
+    results = {'naive': dict(R=[[1.0, 3.0], [1.4, 1.2]], seconds=1.0), 'ewc': dict(R=[[1.0, 3.0], [1.1, 1.26]], seconds=None),
+               'joint': dict(R=[[1.05, 1.25]], seconds=2.0)}
+    rows = exp.summarize(results, ['A', 'B'], [('A',), ('B',)], list(results))
+    assert rows['ewc']['forgetting'] == pytest.approx({'A': 0.1}) and rows['ewc']['forgetting_cut'] == pytest.approx({'A': 0.75})
+    assert rows['ewc']['last_task_vs_naive'] == pytest.approx(0.05) and rows['joint']['forgetting'] == {}
+    exp.print_tables(results, rows, ['A', 'B'], [('A',), ('B',)])
+    out = capsys.readouterr().out
+    assert 'forget A' in out and '75%' in out and '+5.0%' in out
+
+
+def test_experiment_runs_methods_and_reads_finished_runs_back(tmp_path, tasks_dir):
+    cmd = [sys.executable, os.path.join(ROOT, 'incremental_experiment.py'), '--methods=naive,joint', '--jobs=2',
+           f'--out_dir={tmp_path}', f'--json={tmp_path / "r.json"}', f'--plot={tmp_path / "r.png"}', f'--dataset={tasks_dir}',
+           *[a for a in TINY if a != '--progress=False'], '--iters_per_task=3', '--lr_decay_iters=3', '--eval_interval=1000']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'forget A' in r.stdout and ('plot written' in r.stdout or 'matplotlib is not installed' in r.stdout)
+    figures = json.loads((tmp_path / 'r.json').read_text())['methods']
+    assert len(figures['naive']['R']) == 2 and len(figures['joint']['R']) == 1 and figures['joint']['forgetting'] == {}
+    assert 'iters_per_task=6' in figures['joint']['command']  # the same total steps as the sequence
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and 'done in' not in again.stdout, again.stdout  # nothing trained again
+    assert {m: f['R'] for m, f in json.loads((tmp_path / 'r.json').read_text())['methods'].items()} == \
+        {m: f['R'] for m, f in figures.items()}
