@@ -3,9 +3,10 @@ The incremental-learning experiment: naive fine-tuning, EWC, replay, EWC + repla
 learning rates and joint training (the upper bound) on the same task sequence, model, steps and seed.
 $ python incremental_experiment.py                                   # A (Shakespeare), then B (Sherlock)
 $ python incremental_experiment.py --tasks=A,B,C --json=incremental_abc.json --plot=incremental_abc.png
-Any other --key=value goes to every train_efficient.py run (e.g. --iters_per_task=300). Each method is a
-run of config/train_incremental_char_cpu.py plus its keys, in out_dir/<tasks>-<method>; a finished run with
-the same command is read back from its checkpoint instead of trained again (--rerun trains it anyway).
+Tune a method with its settings, e.g. --methods=ewc --ewc_lambda=100; any other --key=value goes to every
+train_efficient.py run (e.g. --iters_per_task=300). Each method is a run of config/train_incremental_char_cpu.py
+plus its keys, in out_dir/<tasks>-<method and settings>; a finished run with the same command is read back
+from its checkpoint instead of trained again (--rerun trains it anyway).
 """
 
 import argparse
@@ -22,15 +23,18 @@ from incremental_learning import backward_transfer, forgetting, parse_stages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, 'config', 'train_incremental_char_cpu.py')
-FISHER = '--fisher_batches=20'
-REPLAY = '--replay_buffer_size=2000'
-METHODS = {  # each method's keys on top of the config; tuned on A -> B (see README)
+# each method's keys on top of the config (the settings' values come from the options below)
+METHODS = {
     'naive': [],
-    'ewc': [FISHER, '--ewc_lambda=5000'],
-    'replay': [REPLAY, '--replay_ratio=0.25'],
-    'ewc+replay': [FISHER, '--ewc_lambda=5000', REPLAY, '--replay_ratio=0.25'],
-    'adaptive_lr': [FISHER, '--adaptive_lr_strength=10'],
+    'ewc': ['fisher_batches', 'ewc_lambda', 'ewc_gamma'],
+    'replay': ['replay_buffer_size', 'replay_ratio'],
+    'ewc+replay': ['fisher_batches', 'ewc_lambda', 'ewc_gamma', 'replay_buffer_size', 'replay_ratio'],
+    'adaptive_lr': ['fisher_batches', 'adaptive_lr_strength'],
     'joint': [],  # one stage of every task mixed, as many iterations as the whole sequence
+}
+SETTINGS = {  # defaults tuned on A -> B (see README)
+    'ewc_lambda': 10.0, 'ewc_gamma': 1.0, 'fisher_batches': 20, 'replay_buffer_size': 2000, 'replay_ratio': 0.25,
+    'adaptive_lr_strength': 10.0,
 }
 
 
@@ -40,13 +44,19 @@ def setting(key, extra):
     return int(given[-1]) if given else load_config_file(CONFIG)[key]
 
 
-def command(method, stages, out_dir, extra):
-    keys = [f"--incremental_tasks={','.join('+'.join(s) for s in stages)}"]
+def run_name(method, settings):
+    """The run's folder name: the method and the values of its tuned settings, e.g. ewc-ewc_lambda10."""
+    tuned = [k for k in METHODS[method] if k not in ('fisher_batches', 'replay_buffer_size', 'ewc_gamma') or settings[k] != SETTINGS[k]]
+    return '-'.join([method] + [f"{k}{settings[k]:g}" for k in tuned])
+
+
+def command(method, stages, settings, out_dir, extra):
+    keys = [f"--incremental_tasks={','.join('+'.join(s) for s in stages)}"] + [f'--{k}={settings[k]}' for k in METHODS[method]]
     if method == 'joint':  # the same total steps and one schedule over them
         n = len(stages)
         keys = [f"--incremental_tasks={'+'.join(t for s in stages for t in s)}",
                 f"--iters_per_task={n * setting('iters_per_task', extra)}", f"--lr_decay_iters={n * setting('lr_decay_iters', extra)}"]
-    return [sys.executable, os.path.join(HERE, 'train_efficient.py'), CONFIG, *keys, *METHODS[method], *extra,
+    return [sys.executable, os.path.join(HERE, 'train_efficient.py'), CONFIG, *keys, *extra,
             f'--out_dir={out_dir}', '--progress=False']
 
 
@@ -148,6 +158,8 @@ def main():
     parser.add_argument('--plot', help="write a PNG of the final losses (needs matplotlib)")
     parser.add_argument('--jobs', type=int, default=1, help="runs at a time")
     parser.add_argument('--rerun', action='store_true', help="train again even if a finished run is there")
+    for key, default in SETTINGS.items():
+        parser.add_argument(f'--{key}', type=type(default), default=default, help=f"(default {default})")
     args, extra = parser.parse_known_args()
     stages = parse_stages(args.tasks)
     tasks = list(dict.fromkeys(t for s in stages for t in s))
@@ -158,9 +170,10 @@ def main():
     jobs = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         for m in methods:
-            out = os.path.join(args.out_dir, f"{args.tasks.replace(',', '')}-{m}")
+            settings = {k: getattr(args, k) for k in SETTINGS}
+            out = os.path.join(args.out_dir, f"{args.tasks.replace(',', '')}-{run_name(m, settings)}")
             n = 1 if m == 'joint' else len(stages)
-            jobs[m] = pool.submit(run, m, command(m, stages, out, extra), out, n, args.rerun)
+            jobs[m] = pool.submit(run, m, command(m, stages, settings, out, extra), out, n, args.rerun)
     results = {m: job.result() for m, job in jobs.items()}
     rows = summarize(results, tasks, stages, methods)
     print_tables(results, rows, tasks, stages)

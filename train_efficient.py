@@ -104,6 +104,9 @@ if model_type == 'gpt':
     stray = [k for k, v in model_defaults.items() if k not in gpt_keys and config[k] != v]
     if stray:
         fail(f"{', '.join(stray)} only apply to model_type='efficient'")
+incremental_keys = ('iters_per_task', 'ewc_lambda', 'ewc_gamma', 'fisher_batches', 'replay_buffer_size', 'replay_ratio', 'adaptive_lr_strength')
+if not incremental_tasks and any(config[k] != script_defaults[k] for k in incremental_keys):
+    fail(f"{', '.join(k for k in incremental_keys if config[k] != script_defaults[k])}: these keys need incremental_tasks (e.g. incremental_tasks='A,B')")
 if init_from not in ('scratch', 'resume'):
     fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 

@@ -301,3 +301,8 @@ def test_experiment_runs_methods_and_reads_finished_runs_back(tmp_path, tasks_di
     assert again.returncode == 0 and 'done in' not in again.stdout, again.stdout  # nothing trained again
     assert {m: f['R'] for m, f in json.loads((tmp_path / 'r.json').read_text())['methods'].items()} == \
         {m: f['R'] for m, f in figures.items()}
+
+
+def test_incremental_keys_without_tasks_are_an_error(tmp_path, tasks_dir):
+    r = train(tmp_path / 'out', tasks_dir, '--ewc_lambda=10', check=False)
+    assert r.returncode == 2 and 'ewc_lambda: these keys need incremental_tasks' in r.stderr
