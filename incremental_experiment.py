@@ -33,7 +33,7 @@ METHODS = {
     'joint': [],  # one stage of every task mixed, as many iterations as the whole sequence
 }
 SETTINGS = {  # defaults tuned on A -> B (see README)
-    'ewc_lambda': 10.0, 'ewc_gamma': 1.0, 'fisher_batches': 20, 'replay_buffer_size': 2000, 'replay_ratio': 0.25,
+    'ewc_lambda': 3.0, 'ewc_gamma': 1.0, 'fisher_batches': 20, 'replay_buffer_size': 2000, 'replay_ratio': 0.125,
     'adaptive_lr_strength': 10.0,
 }
 
