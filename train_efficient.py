@@ -5,8 +5,8 @@ On one CPU or GPU:
 $ python train_efficient.py config/train_shakespeare_char_cpu.py
 Override any key from the command line:
 $ python train_efficient.py config/train_shakespeare_char_cpu.py --max_iters=500 --model_type=efficient
-Incremental learning: task A, then B, then C, with EWC and replay (incremental_learning.py):
-$ python train_efficient.py config/train_incremental_char_cpu.py --ewc_lambda=100 --replay_ratio=0.25
+Incremental learning, task A then task B, with EWC and replay (incremental_learning.py):
+$ python train_efficient.py config/train_incremental_char_cpu.py --fisher_batches=20 --ewc_lambda=3 --replay_buffer_size=2000 --replay_ratio=0.125
 Resume a run exactly where it stopped (Ctrl-C writes a checkpoint first):
 $ python train_efficient.py config/train_shakespeare_char_cpu.py --init_from=resume
 DDP on 4 GPUs of one node (gloo on CPU: add --device=cpu):

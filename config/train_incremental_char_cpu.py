@@ -1,7 +1,7 @@
 # Incremental learning on CPU: Tiny Shakespeare (A), then Sherlock Holmes (B), then Lua C source (C), one
 # character vocabulary (data/continual_char). nanoGPT's small CPU model (4 layers, 128 dims, block 64); each
 # stage re-warms and re-decays the learning rate over its own iters_per_task iterations.
-# $ python train_efficient.py config/train_incremental_char_cpu.py --incremental_tasks=A,B --ewc_lambda=100 --fisher_batches=20
+# $ python train_efficient.py config/train_incremental_char_cpu.py --incremental_tasks=A,B --ewc_lambda=3 --fisher_batches=20
 # incremental_experiment.py runs every method (naive, EWC, replay, EWC + replay, adaptive lr, joint) on top of this file.
 
 out_dir = 'out-incremental'
