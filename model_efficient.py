@@ -8,16 +8,42 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from efficient_modules import ATTN, FFN
-from model import GPT, GPTConfig, LayerNorm
+from efficient_modules import ATTN, FFN, Ponder
+from hierarchical_modules import Hourglass, HourglassState, groups_closed
+from model import GPT, GPTConfig, KVCache, LayerNorm
 
 
 @dataclass
 class EfficientGPTConfig(GPTConfig):
     # Each mechanism adds its group of fields here, off by default; conflicts go in __post_init__.
 
+    # hierarchical processing: hourglass (hierarchical_modules.Hourglass)
+    enable_hierarchical: bool = False
+    hierarchy_factor: int = 2  # k: the shortened layers see one position per k tokens
+    hierarchy_layers: str = 'none'  # the shortened layers, a contiguous run after layer 0, e.g. '1,2,3,4'
+    # adaptive computation time (efficient_modules.Ponder)
+    enable_adaptive_compute: bool = False
+    max_pondering_steps: int = 3  # N: a pondering layer runs its block at most this many times per token
+    ponder_cost: float = 0.01  # tau: weight of the ponder cost N + R in the loss
+    act_layers: str = 'none'  # which layers ponder (a pattern, see expand_layers)
+    act_epsilon: float = 0.01  # a token halts once its halting probabilities sum to 1 - act_epsilon
+
     def __post_init__(self):
-        pass
+        self.check_hierarchy_and_act()
+
+    def check_hierarchy_and_act(self):
+        if self.hierarchy_factor < 1:
+            raise ValueError(f"hierarchy_factor must be at least 1, not {self.hierarchy_factor}")
+        shortened = [i for i, s in enumerate(expand_layers(self.hierarchy_layers, self.n_layer)) if s]
+        if self.enable_hierarchical:
+            if not shortened or shortened[0] == 0 or shortened != list(range(shortened[0], shortened[-1] + 1)):
+                raise ValueError(f"hierarchy_layers={self.hierarchy_layers!r} must name a contiguous run of layers "
+                                 f"that leaves layer 0 at full resolution, e.g. '1,2,3,4' of {self.n_layer}")
+        if self.max_pondering_steps < 1:
+            raise ValueError(f"max_pondering_steps must be at least 1, not {self.max_pondering_steps}")
+        if self.ponder_cost < 0 or not 0 <= self.act_epsilon < 1:
+            raise ValueError("ponder_cost must be >= 0 and act_epsilon in [0, 1)")
+        expand_layers(self.act_layers, self.n_layer)  # a bad pattern fails here, not at build time
 
 
 def expand_layers(pattern, n_layer):
@@ -50,11 +76,22 @@ class LayerPlan:
     """What each layer is, read from the config once: per-layer kinds of the block's slots."""
     attn: tuple
     ffn: tuple
+    shortened: tuple  # True: the layer runs inside the hourglass at 1/hierarchy_factor resolution
+    ponder: tuple  # True: the layer is an ACT pondering block
 
     @classmethod
     def from_config(cls, config):
         L = config.n_layer
-        return cls(attn=('full',) * L, ffn=('dense',) * L)
+        off = (False,) * L
+        shortened = expand_layers(config.hierarchy_layers, L) if config.enable_hierarchical else off
+        ponder = expand_layers(config.act_layers, L) if config.enable_adaptive_compute else off
+        return cls(attn=('full',) * L, ffn=('dense',) * L, shortened=shortened, ponder=ponder)
+
+    def runs(self):
+        """(pre, shortened, post) layer ranges: everything is 'pre' without an hourglass."""
+        s = [i for i, v in enumerate(self.shortened) if v]
+        a, b = (s[0], s[-1] + 1) if s else (len(self.shortened),) * 2
+        return range(a), range(a, b), range(b, len(self.shortened))
 
 
 class EfficientBlock(nn.Module):
@@ -72,15 +109,49 @@ class EfficientBlock(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x
 
+    def new_cache(self, make_cache, max_len):
+        return make_cache(max_len)
+
 
 class EfficientGPT(GPT):
 
     def __init__(self, config):
         self.plan = LayerPlan.from_config(config)  # read by make_block during GPT.__init__
         super().__init__(config)
+        self.pre, self.shortened, self.post = self.plan.runs()
+        self.hourglass = Hourglass(config) if self.shortened else None
 
     def make_block(self, layer):
-        return EfficientBlock(self.config, self.plan, layer)
+        block = EfficientBlock(self.config, self.plan, layer)
+        return Ponder(block, self.config) if self.plan.ponder[layer] else block
+
+    def run_layers(self, x, cache=None):
+        """The blocks in order; with an hourglass the shortened run sits between the pre and post runs."""
+        h, caches = self.transformer.h, cache or [None] * (len(self.transformer.h) + 1)
+        for i in self.pre:
+            x = h[i](x, caches[i])
+        if self.hourglass is not None:
+            s = slice(self.shortened.start, self.shortened.stop)
+            x = self.hourglass(x, h[s], caches[s], caches[-1])
+        for i in self.post:
+            x = h[i](x, caches[i])
+        return x
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        """One cache per layer (a KVCache; the shortened layers' hold block_size / k positions; a
+        pondering layer's is one KVCache per step), then, with an hourglass, its HourglassState."""
+        c, p = self.config, self.lm_head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+
+        def make_cache(max_len):
+            return KVCache(batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype)
+
+        short_len = groups_closed(c.block_size, c.hierarchy_factor)
+        caches = [block.new_cache(make_cache, short_len if self.plan.shortened[i] else c.block_size)
+                  for i, block in enumerate(self.transformer.h)]
+        if self.hourglass is not None:
+            caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype))
+        return caches
 
     def aux_losses(self):
         """{name: (weight, value)} summed over the modules that produced one in the last forward."""

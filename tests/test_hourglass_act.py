@@ -1,0 +1,185 @@
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from model_efficient import EfficientGPT, EfficientGPTConfig
+from test_train import tiny_data, train  # noqa: F401 (fixture)
+
+HOURGLASS = dict(enable_hierarchical=True, hierarchy_factor=3, hierarchy_layers='1,2')
+ACT = dict(enable_adaptive_compute=True, max_pondering_steps=3, act_layers='1,2', act_epsilon=0.05)
+
+
+def make(tiny_args, seed=0, **keys):
+    torch.manual_seed(seed)
+    model = EfficientGPT(EfficientGPTConfig(**{**tiny_args, 'n_layer': 4, **keys})).eval()
+    for p in model.parameters():  # random, larger weights: every path (and every leak) shows in the logits
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def spread_halting(model):
+    """Halting biases that make tokens halt at different steps, so that every halting case runs."""
+    for m in model.modules():
+        if hasattr(m, 'halt'):
+            m.halt.bias.data.fill_(0.0)
+            m.halt.weight.data.normal_(0, 0.5)
+    return model
+
+
+VARIANTS = {'hourglass': HOURGLASS, 'hourglass_k2': {**HOURGLASS, 'hierarchy_factor': 2}, 'act': ACT,
+            'both': {**HOURGLASS, **ACT, 'act_layers': '1,3'}}
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_causal_by_perturbation_at_every_position(tiny_args, name):
+    model = spread_halting(make(tiny_args, **VARIANTS[name]))
+    T = 20
+    x = torch.randint(0, 50, (1, T))
+    logits, _ = model(x, x)
+    for j in range(T):
+        y = x.clone()
+        y[0, j] = (y[0, j] + 1) % 50
+        logits2, _ = model(y, y)
+        torch.testing.assert_close(logits[:, :j], logits2[:, :j], msg=f"position {j} changed earlier logits")
+        assert not torch.allclose(logits[:, j], logits2[:, j])
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_causal_by_gradient(tiny_args, name):
+    model = spread_halting(make(tiny_args, **VARIANTS[name]))
+    T = 20
+    x = torch.randint(0, 50, (1, T))
+    emb = model.transformer.wte(x).detach().requires_grad_(True)
+    pos = model.transformer.wpe(torch.arange(T))
+    out = model.transformer.ln_f(model.run_layers(emb + pos))  # (1, T, C)
+    for t in range(T):
+        grad, = torch.autograd.grad(out[0, t].sum(), emb, retain_graph=True)
+        assert torch.all(grad[0, t + 1:] == 0), f"output {t} depends on a later token"
+        assert grad[0, t].abs().max() > 0
+
+
+def test_factor_one_equals_the_plain_stack(tiny_args):
+    plain = make(tiny_args)
+    hourglass = make(tiny_args, enable_hierarchical=True, hierarchy_factor=1, hierarchy_layers='1,2')
+    hourglass.load_state_dict(plain.state_dict())  # same parameter names, none added at k = 1
+    x = torch.randint(0, 50, (2, 32))
+    torch.testing.assert_close(hourglass(x, x)[0], plain(x, x)[0])
+
+
+def test_everything_off_equals_gpt(tiny_args):
+    gpt = GPT(GPTConfig(**tiny_args)).eval()
+    eff = EfficientGPT(EfficientGPTConfig(**tiny_args, hierarchy_layers='1', act_layers='all')).eval()
+    eff.load_state_dict(gpt.state_dict())
+    x = torch.randint(0, 50, (2, 32))
+    torch.testing.assert_close(eff(x, x)[0], gpt(x, x)[0])
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+@pytest.mark.parametrize('prompt_len', [1, 5, 7])  # with k = 3: the prompt ends inside a group and at its end
+def test_decode_equals_full_sequence_forward(tiny_args, name, prompt_len):
+    """Teacher-forced cached decode (a prompt prefill, then one token at a time) gives at every position
+    the logits of one forward over the whole sequence; T = 31 is not a multiple of k."""
+    model = spread_halting(make(tiny_args, **VARIANTS[name]))
+    x = torch.randint(0, 50, (2, 31))
+    full, _ = model(x, x)
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        prompt = x[:, :prompt_len].contiguous()
+        steps = [model(prompt, prompt, cache=cache)[0]]  # targets: logits of every prompt position
+        steps += [model(x[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, 31)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_cached_generate_equals_reference_past_block_size(tiny_args, name):
+    model = spread_halting(make(tiny_args, **VARIANTS[name]))
+    idx = torch.tensor([[3], [7]])
+    assert torch.equal(model.generate(idx, 70, temperature=0), model.generate(idx, 70, temperature=0, use_cache=False))
+
+
+def test_shortened_layers_run_once_per_group(tiny_args):
+    model = make(tiny_args, **HOURGLASS)
+    calls = []
+    model.transformer.h[1].register_forward_hook(lambda m, i, o: calls.append(o.size(1)))
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        for t in range(10):  # groups close at tokens 0, 3, 6, 9
+            model(torch.tensor([[t]]), cache=cache)
+    assert calls == [1, 1, 1, 1]
+    assert cache[1].len == 4 and cache[0].len == 10
+
+
+def test_one_ponder_step_equals_the_plain_block(tiny_args):
+    model = make(tiny_args, **{**ACT, 'max_pondering_steps': 1})
+    ponder = model.transformer.h[1]
+    x = torch.randn(2, 16, 32)
+    torch.testing.assert_close(ponder(x), ponder.block(x))
+    assert torch.equal(ponder.steps, torch.ones(2, 16, dtype=torch.long))
+
+
+def test_halting_weights_sum_to_one_and_cost_is_n_plus_r(tiny_args):
+    model = spread_halting(make(tiny_args, **ACT))
+    ponder = model.transformer.h[1]
+    x = torch.randn(2, 16, 32)
+    # a block that returns its input (its own residual branches removed) leaves every step's state at x,
+    # so the output is (sum of the step weights) * x
+    ponder.block.attn.c_proj.weight.data.zero_(), ponder.block.attn.c_proj.bias.data.zero_()
+    ponder.block.mlp.c_proj.weight.data.zero_(), ponder.block.mlp.c_proj.bias.data.zero_()
+    out = ponder(x)
+    torch.testing.assert_close(out, x)
+    steps = ponder.steps
+    assert steps.min() >= 1 and steps.max() <= 3 and steps.unique().numel() > 1, steps
+    cost = ponder.aux['ponder'][1]
+    assert steps.float().mean() <= cost <= steps.float().mean() + 1
+
+
+def test_training_stops_when_every_token_halted(tiny_args):
+    model = make(tiny_args, **ACT)
+    ponder = model.transformer.h[1]
+    ponder.halt.bias.data.fill_(20.0)  # every token halts after its first step
+    calls = []
+    ponder.block.register_forward_hook(lambda m, i, o: calls.append(1))
+    ponder(torch.randn(1, 8, 32))
+    assert len(calls) == 1 and torch.equal(ponder.steps, torch.ones(1, 8, dtype=torch.long))
+
+
+def test_act_decode_runs_fewer_steps_and_fills_skipped_caches(tiny_args):
+    model = spread_halting(make(tiny_args, **ACT))
+    cache = model.new_cache(1)
+    x = torch.randint(0, 50, (1, 24))
+    calls = []
+    model.transformer.h[1].block.register_forward_hook(lambda m, i, o: calls.append(1))
+    steps = []
+    with torch.no_grad():
+        for t in range(24):
+            model(x[:, t:t + 1], cache=cache)
+            steps.append(model.transformer.h[1].steps.item())
+    assert len(calls) == sum(steps) < 3 * 24  # only the steps each token needed ran
+    assert all(c.len == 24 for c in cache[1])  # every step's cache has every position
+
+
+def test_ponder_aux_loss_reaches_the_training_loss(tiny_args):
+    model = make(tiny_args, **ACT).train()
+    x = torch.randint(0, 50, (2, 16))
+    model(x, x)
+    aux = model.aux_losses()
+    assert set(aux) == {'ponder'} and aux['ponder'][0] == 0.01
+    aux['ponder'][1].backward()
+    assert model.transformer.h[1].halt.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('bad', [dict(enable_hierarchical=True, hierarchy_layers='0,1'),
+                                 dict(enable_hierarchical=True, hierarchy_layers='1,3'),
+                                 dict(enable_hierarchical=True),
+                                 dict(hierarchy_factor=0), dict(max_pondering_steps=0), dict(act_epsilon=1.0)])
+def test_bad_config_is_rejected(tiny_args, bad):
+    with pytest.raises(ValueError):
+        EfficientGPTConfig(**{**tiny_args, 'n_layer': 4, **bad})
+
+
+def test_ddp_trains_hourglass_and_act(tmp_path, tiny_data):  # noqa: F811
+    import sys
+    launcher = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+    train(tmp_path / 'out', tiny_data, '--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2',
+          '--model_type=efficient', '--n_layer=3', '--enable_hierarchical=True', '--hierarchy_layers=1',
+          '--enable_adaptive_compute=True', '--act_layers=1', launcher=launcher)
