@@ -61,7 +61,6 @@ class Ponder(nn.Module):
         super().__init__()
         self.block = block
         self.halt = nn.Linear(config.n_embd, 1)
-        nn.init.constant_(self.halt.bias, -1.0)  # start by pondering about two steps, not halting at once
         self.max_steps = config.max_pondering_steps
         self.threshold = 1.0 - config.act_epsilon
         self.ponder_cost = config.ponder_cost

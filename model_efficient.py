@@ -118,6 +118,9 @@ class EfficientGPT(GPT):
     def __init__(self, config):
         self.plan = LayerPlan.from_config(config)  # read by make_block during GPT.__init__
         super().__init__(config)
+        for m in self.modules():  # GPT's init zeroed every bias; h = sigmoid(1) = 0.73: two steps per token at first
+            if isinstance(m, Ponder):
+                nn.init.constant_(m.halt.bias, 1.0)
         self.pre, self.shortened, self.post = self.plan.runs()
         self.hourglass = Hourglass(config) if self.shortened else None
 
