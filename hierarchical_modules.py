@@ -44,7 +44,8 @@ class HourglassState:
         self.len = 0
 
     def truncate(self, n):
-        # the shortened layers' caches are truncated by the model to groups_closed(n)
+        # exact: the history keeps what positions n-k+1 .. n-1 pooled and what group (n-1)//k output;
+        # EfficientGPT.truncate_cache rolls the shortened layers' caches back with it
         self.len = min(self.len, n)
 
     @property

@@ -156,6 +156,15 @@ class EfficientGPT(GPT):
             caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype))
         return caches
 
+    def truncate_cache(self, cache, n):
+        """Roll a cache from new_cache back to its first n positions (the shortened layers' caches to
+        the groups closed by then), e.g. after rejected speculative tokens."""
+        k = self.config.hierarchy_factor
+        for i, c in enumerate(cache[:self.config.n_layer]):
+            c.truncate(groups_closed(n, k) if self.plan.shortened[i] else n)
+        for c in cache[self.config.n_layer:]:  # the HourglassState
+            c.truncate(n)
+
     def aux_losses(self):
         """{name: (weight, value)} summed over the modules that produced one in the last forward."""
         total = {}

@@ -183,3 +183,36 @@ def test_ddp_trains_hourglass_and_act(tmp_path, tiny_data):  # noqa: F811
     train(tmp_path / 'out', tiny_data, '--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2',
           '--model_type=efficient', '--n_layer=3', '--enable_hierarchical=True', '--hierarchy_layers=1',
           '--enable_adaptive_compute=True', '--act_layers=1', launcher=launcher)
+
+
+@pytest.mark.parametrize('name', ['act', 'hourglass'])
+def test_teacher_forced_decode_loss_equals_forward_loss(tiny_args, name):
+    """ACT's decode has the same semantics as its training forward (halted tokens give K/V from their
+    final state in both), so the decode-consistent loss equals the fixed-window loss."""
+    import numpy as np
+
+    from evaluate import evaluate_loss, teacher_forced_decode_loss
+    model = spread_halting(make(tiny_args, **VARIANTS[name]))
+    data = np.random.default_rng(0).integers(0, 50, 200).astype(np.uint16)
+    loss, n = teacher_forced_decode_loss(model, data, 32, batch_size=4)
+    assert n == 6 * 32
+    assert abs(loss - evaluate_loss(model, data, 32, batch_size=4)) < 1e-4
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_truncated_cache_continues_like_the_full_forward(tiny_args, name):
+    """Roll the cache back to n (as speculative decoding does), then decode on: the logits are the full
+    forward's, whether n falls inside a group or at its end."""
+    model = spread_halting(make(tiny_args, **VARIANTS[name]))
+    x = torch.randint(0, 50, (1, 20))
+    full, _ = model(x, x)
+    for n in (7, 9):
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            model(torch.randint(0, 50, (1, 14)), cache=cache)  # positions n .. 13 are rolled back
+            model.truncate_cache(cache, 0)
+            model(x[:, :n].contiguous(), cache=cache)
+            model(torch.randint(0, 50, (1, 3)), cache=cache)
+            model.truncate_cache(cache, n)
+            steps = [model(x[:, t:t + 1], cache=cache)[0] for t in range(n, 20)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full[:, n:], atol=1e-5, rtol=1e-4)
