@@ -18,10 +18,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit
-from evaluate import bits, evaluate_loss, fixed_windows
+from evaluate import bits, evaluate_loss, fixed_windows, teacher_forced_decode_loss
 from model import GPT, GPTConfig
 from sample import REPO, autocast, fail, pick_device, pick_dtype
 from tokenizer import ensure_prepared
@@ -44,6 +45,8 @@ DEFAULTS = dict(
     seed=1337,  # random weights, prompts and prefill tokens
     val_data='',  # a dataset folder: adds the deterministic validation loss of its val.bin
     val_windows=0,  # score only the first val_windows fixed windows; 0: all of them
+    baseline='',  # a checkpoint of the same depth to time the model against (against_baseline, pondering rows)
+    train_batch=8,  # batch of the training-step timing (the CPU benchmark config's)
     json='',  # write every figure and the settings to this path
 )
 
@@ -156,10 +159,138 @@ def memory(b):
     return peak
 
 
+# --- hourglass and ACT rows: the model against --baseline (a model of the same depth) ---------------
+
+def executed_flops_per_token(model, ctx, ponder_steps):
+    """Forward FLOPs one generated token executes, counted from what ran: 2 per multiply-add of every
+    weight used plus q.k and att.v over the keys attended (as dense_flops_per_token). A shortened layer
+    runs once per k tokens over ctx/k keys, and so do pooling and upsampling; a pondering layer runs
+    its block ponder_steps[i] times (the measured mean, halting unit included) and one K/V projection
+    for each step it skipped."""
+    c, C = model.config, model.config.n_embd
+    k, plan = c.hierarchy_factor, model.plan
+
+    def layer(block, keys):
+        return 2 * sum(p.numel() for p in block.parameters()) + 2 * 2 * C * keys
+
+    total = 2 * c.vocab_size * C  # the LM head (the tied token table)
+    for i, block in enumerate(model.transformer.h):
+        keys, per_token = (ctx / k, 1 / k) if plan.shortened[i] else (ctx, 1)
+        if plan.ponder[i]:
+            steps = ponder_steps[i]
+            total += per_token * (steps * layer(block, keys) + (block.max_steps - steps) * 2 * 2 * C * C)
+        else:
+            total += per_token * layer(block, keys)
+    if model.hourglass is not None:
+        total += 2 * sum(p.numel() for p in model.hourglass.parameters()) / k
+    return total
+
+
+def decode_counts(model, prompt, n):
+    """Greedy decode of n tokens after prompt (1, T), counting what ran: the runs of the first shortened
+    layer and the mean ponder steps of each pondering layer (per position fed)."""
+    short_runs, steps, hooks = [], {}, []
+    if model.hourglass is not None:
+        first = model.transformer.h[model.shortened.start]
+        hooks.append(first.register_forward_hook(lambda mod, i, o: short_runs.append(o.size(1))))
+    for i, block in enumerate(model.transformer.h):
+        if model.plan.ponder[i]:
+            hooks.append(block.register_forward_hook(lambda mod, inp, o, i=i: steps.setdefault(i, []).append(mod.steps)))
+    model.generate(prompt, n, temperature=0)  # feeds positions 0 .. T+n-2
+    for h in hooks:
+        h.remove()
+    mean_steps = {i: torch.cat([s.flatten() for s in v]).float().mean().item() for i, v in steps.items()}
+    return len(short_runs), mean_steps
+
+
+def train_step(model, x):
+    """One forward and backward over x (B, T) with the aux losses, as the training loop does."""
+    def step():
+        with torch.enable_grad():
+            model.zero_grad(set_to_none=True)
+            _, loss = model(x, x)
+            (loss + sum(w * v for w, v in model.aux_losses().values())).backward()
+    return step
+
+
+def against_baseline(b):
+    """the model vs --baseline: training step (fwd+bwd) and decode batch 1"""
+    if b.baseline is None:
+        return None
+    m, base, x = b.model, b.baseline, b.prefill_x[:b.train_batch]
+    _, _, train = time_pair(train_step(m, x), train_step(base, x), b.runs, x.numel(), b.sync)
+    gen = lambda model: lambda: model.generate(b.prompt[:1], b.new_tokens, temperature=0)  # noqa: E731
+    _, _, dec = time_pair(gen(m), gen(base), b.runs, b.new_tokens, b.sync)
+    return dict(baseline=b.baseline_path, train_batch=x.size(0), train_tok_s=train['a'],
+                baseline_train_tok_s=train['b'], train_speedup=train['ratio'], decode_tok_s=dec['a'],
+                baseline_decode_tok_s=dec['b'], decode_speedup=dec['ratio'])
+
+
+def hourglass(b):
+    """hourglass: shortened-layer runs and FLOPs executed per generated token, batch 1"""
+    m = b.model
+    if getattr(m, 'hourglass', None) is None:
+        return None
+    runs, ponder_steps = decode_counts(m, b.prompt[:1], b.new_tokens)
+    ctx = (b.new_tokens + 1) / 2
+    return dict(hierarchy_factor=m.config.hierarchy_factor, layers=f"{len(m.pre)} pre / {len(m.shortened)} "
+                f"shortened / {len(m.post)} post", shortened_runs_per_token=runs / b.new_tokens,
+                executed_flops_per_token=executed_flops_per_token(m, ctx, ponder_steps),
+                dense_flops_per_token=dense_flops_per_token(m, ctx))
+
+
+def pondering(b):
+    """ACT: ponder steps on validation text through the decode engine, decode-consistent loss, easy vs hard tokens"""
+    m = b.model
+    layers = [i for i, p in enumerate(getattr(getattr(m, 'plan', None), 'ponder', ())) if p]
+    if not layers or not b.val_data:
+        return None
+    data = np.memmap(os.path.join(b.val_data, 'val.bin'), dtype=np.uint16, mode='r')
+    T, windows, N = m.config.block_size, b.val_windows or None, m.config.max_pondering_steps
+    per_step = []  # one (B, len(layers)) tensor of ponder steps per decoded token
+
+    def record(model):
+        per_step.append(torch.stack([model.transformer.h[i].steps[:, -1] for i in layers], dim=1))
+    loss, scored = teacher_forced_decode_loss(m, data, T, b.batch, windows, b.device, on_step=record)
+    # regroup to (windows, T, layers): the engine decodes b.batch windows at a time, T steps each
+    steps = torch.cat([torch.stack(per_step[i:i + T], dim=1) for i in range(0, len(per_step), T)]).cpu()
+    figures = dict(val_windows=steps.size(0), tokens_scored=scored, decode_consistent_val_loss=loss,
+                   forward_val_loss=evaluate_loss(m, data, T, b.batch, windows, b.device),
+                   ponder_layers=','.join(map(str, layers)), max_pondering_steps=N,
+                   mean_ponder_steps=steps.float().mean().item(),
+                   ponder_steps_fractions=[round((steps == n).float().mean().item(), 4) for n in range(1, N + 1)])
+    if b.baseline is not None:  # easy and hard tokens: the quarters of lowest and highest baseline loss
+        starts = fixed_windows(data, T, windows)
+        x = torch.from_numpy(np.stack([data[j:j + T] for j in starts]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[j + 1:j + 1 + T] for j in starts]).astype(np.int64))
+        base_loss = torch.cat([F.cross_entropy(b.baseline(xb.to(b.device), yb.to(b.device))[0].transpose(1, 2).float(),
+                                               yb.to(b.device), reduction='none').cpu()
+                               for xb, yb in zip(x.split(b.batch), y.split(b.batch))])  # (windows, T)
+        mean_steps = steps.float().mean(dim=2)  # (windows, T) over the pondering layers
+        lo, hi = base_loss.quantile(0.25), base_loss.quantile(0.75)
+        figures.update(easy_tokens_mean_steps=mean_steps[base_loss <= lo].mean().item(),
+                       hard_tokens_mean_steps=mean_steps[base_loss >= hi].mean().item(),
+                       steps_vs_baseline_loss_corr=torch.corrcoef(torch.stack([mean_steps.flatten(),
+                                                                               base_loss.flatten()]))[0, 1].item())
+    # speed against a plain model with the same maximum compute (every pondering layer run N times)
+    gpt_args = {f.name: getattr(m.config, f.name) for f in fields(GPTConfig)}
+    same_max = GPT(GPTConfig(**{**gpt_args, 'n_layer': m.config.n_layer + (N - 1) * len(layers)})).eval().to(b.device)
+    gen = lambda model: lambda: model.generate(b.prompt[:1], b.new_tokens, temperature=0)  # noqa: E731
+    _, _, dec = time_pair(gen(m), gen(same_max), b.runs, b.new_tokens, b.sync)
+    _, decode_steps = decode_counts(m, b.prompt[:1], b.new_tokens)
+    ctx = (b.new_tokens + 1) / 2
+    figures.update(same_max_compute_layers=same_max.config.n_layer, decode_tok_s=dec['a'],
+                   same_max_compute_decode_tok_s=dec['b'], decode_speedup=dec['ratio'],
+                   decode_mean_ponder_steps_by_layer=[round(decode_steps[i], 4) for i in layers],
+                   executed_flops_per_token=executed_flops_per_token(m, ctx, decode_steps),
+                   same_max_compute_flops_per_token=dense_flops_per_token(same_max, ctx))
+    return figures
+
+
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
-                                memory)}
+                                against_baseline, hourglass, pondering, memory)}
 
 
 def fmt(key, v):
@@ -176,11 +307,11 @@ def fmt(key, v):
     return f"{v:,}" if key.startswith('params') else str(v)
 
 
-def load_model(config):
-    if not config['ckpt']:
+def load_model(config, key='ckpt'):
+    if not config[key]:
         return GPT(GPTConfig(**{k: config[k] for k in MODEL_ARGS}))
     try:
-        model, _ = model_from_checkpoint(load_checkpoint(config['ckpt']), config['data_root'])
+        model, _ = model_from_checkpoint(load_checkpoint(config[key]), config['data_root'])
     except (ValueError, OSError, pickle.UnpicklingError) as e:
         fail(e)
     return model
@@ -203,7 +334,9 @@ def main():
     g = torch.Generator().manual_seed(config['seed'])
     b = SimpleNamespace(
         model=model, device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],
-        val_data=config['val_data'], val_windows=config['val_windows'],
+        val_data=config['val_data'], val_windows=config['val_windows'], train_batch=config['train_batch'],
+        baseline=load_model(config, 'baseline').eval().to(device) if config['baseline'] else None,
+        baseline_path=config['baseline'],
         prompt=torch.randint(V, (config['batch'], 1), generator=g).to(device),  # one-token prompts (B, 1)
         prefill_x=torch.randint(V, (config['batch'], T), generator=g).to(device),  # (B, block_size)
         sync={'cuda': torch.cuda.synchronize, 'mps': torch.mps.synchronize}.get(device.split(':')[0], lambda: None),

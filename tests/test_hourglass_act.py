@@ -216,3 +216,30 @@ def test_truncated_cache_continues_like_the_full_forward(tiny_args, name):
             model.truncate_cache(cache, n)
             steps = [model(x[:, t:t + 1], cache=cache)[0] for t in range(n, 20)]
         torch.testing.assert_close(torch.cat(steps, dim=1), full[:, n:], atol=1e-5, rtol=1e-4)
+
+
+def test_bench_rows_against_a_baseline(tmp_path, tiny_args):
+    import json
+
+    import numpy as np
+
+    from checkpoint import model_checkpoint, save_checkpoint
+    from test_sample_bench import run
+    meta = {'tokenizer': 'char', 'vocab_size': 50, 'itos': [chr(65 + i) for i in range(50)]}
+    for name, model in (('base', GPT(GPTConfig(**{**tiny_args, 'n_layer': 4}))),
+                        ('eff', make(tiny_args, **VARIANTS['both']))):
+        save_checkpoint({**model_checkpoint(model, meta), 'iter_num': 0}, str(tmp_path / name / 'ckpt.pt'))
+    (np.arange(200) % 50).astype(np.uint16).tofile(tmp_path / 'val.bin')
+    r = run('bench.py', f'--ckpt={tmp_path / "eff" / "ckpt.pt"}', f'--baseline={tmp_path / "base" / "ckpt.pt"}',
+            '--rows=against_baseline,hourglass,pondering', '--new_tokens=20', '--runs=1', '--batch=2',
+            '--train_batch=2', '--device=cpu', f'--val_data={tmp_path}', '--val_windows=3', '--json=b.json',
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / 'b.json').read_text())['rows']
+    assert rows['against_baseline']['train_speedup']['median'] > 0
+    assert rows['hourglass']['shortened_runs_per_token'] == 7 / 20  # groups close at tokens 0, 3, .., 18
+    assert 0 < rows['hourglass']['executed_flops_per_token'] != rows['hourglass']['dense_flops_per_token']
+    act = rows['pondering']
+    assert act['tokens_scored'] == 3 * 32 and abs(act['decode_consistent_val_loss'] - act['forward_val_loss']) < 1e-4
+    assert abs(sum(act['ponder_steps_fractions']) - 1) < 1e-3 and 1 <= act['mean_ponder_steps'] <= 3
+    assert 'hard_tokens_mean_steps' in act and act['same_max_compute_layers'] == 4 + 2 * 2
