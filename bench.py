@@ -22,7 +22,8 @@ from torch.nn import functional as F
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit
-from evaluate import bits, evaluate_loss, fixed_windows, teacher_forced_decode_loss
+from early_exit import CRITERIA, EarlyExitDecoder, exit_logits
+from evaluate import bits, decode_consistent_loss, evaluate_loss, fixed_windows, teacher_forced_decode_loss
 from model import GPT, GPTConfig
 from sample import REPO, autocast, fail, pick_device, pick_dtype
 from tokenizer import ensure_prepared
@@ -45,9 +46,14 @@ DEFAULTS = dict(
     seed=1337,  # random weights, prompts and prefill tokens
     val_data='',  # a dataset folder: adds the deterministic validation loss of its val.bin
     val_windows=0,  # score only the first val_windows fixed windows; 0: all of them
-    baseline='',  # a checkpoint of the same depth to time the model against (against_baseline, pondering rows)
     train_batch=8,  # batch of the training-step timing (the CPU benchmark config's)
     json='',  # write every figure and the settings to this path
+    # the cached baseline, compared in the same run by the early exit rows (an early-exit checkpoint in --ckpt)
+    # and by the against_baseline and pondering rows (any --ckpt of the same depth); empty: those rows are skipped
+    baseline='',  # checkpoint of the baseline (e.g. out-bench-baseline/ckpt.pt)
+    exit_sweep='max_prob:0.8,0.5,0.3;margin:0.6,0.3,0.1;saturation:0.995,0.99,0.98;learned:0.9,0.8,0.6',  # criterion:thresholds;...
+    exit_windows=8,  # decode-consistent val loss over the first exit_windows fixed windows of val.bin
+    spec_sweep='1:4,2:4,2:6,3:6',  # self-speculative settings, spec_exit_layer:spec_draft_tokens,...
 )
 
 
@@ -150,6 +156,103 @@ def val_loss(b):
                 val_loss=loss, val_bits=bits(loss))
 
 
+def val_memmap(b):
+    ensure_prepared(b.val_data, ('val.bin',))
+    return np.memmap(os.path.join(b.val_data, 'val.bin'), dtype=np.uint16, mode='r')
+
+
+def exit_full(b):
+    """early-exit model, decode='full' vs the cached baseline, batch 1"""
+    if b.baseline is None:
+        return None
+    prompt, n = b.prompt[:1], b.new_tokens
+    _, _, t = time_pair(lambda: b.model.generate(prompt, n, temperature=0),
+                        lambda: b.baseline.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+    return dict(new_tokens=n, full_tok_s=t['a'], baseline_cached_tok_s=t['b'], ratio=t['ratio'])
+
+
+def early_exit(b):
+    """early exit sweep, batch 1: tok/s vs the cached baseline, decode-consistent val loss, layers, FLOPs"""
+    if b.baseline is None or not b.val_data:
+        return None
+    m, prompt, n, T = b.model, b.prompt[:1], b.new_tokens, b.model.config.block_size
+    data = val_memmap(b)
+    base = evaluate_loss(b.baseline, data, T, b.batch, b.exit_windows, b.device)
+    out = dict(windows=b.exit_windows, tokens_scored=len(fixed_windows(data, T, b.exit_windows)) * T,
+               baseline_val_loss=base, full_val_loss=evaluate_loss(m, data, T, b.batch, b.exit_windows, b.device),
+               dense_flops_per_token=dense_flops_per_token(b.baseline, (n + 2) / 2))
+    kept = m.config.exit_criterion, m.config.exit_threshold
+    for criterion, threshold in b.exit_sweep:
+        m.config.exit_criterion, m.config.exit_threshold = criterion, threshold
+        stats = {}
+        _, _, t = time_pair(lambda: m.generate(prompt, n, temperature=0, decode='early_exit', stats=stats),
+                            lambda: b.baseline.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+        q = decode_consistent_loss(m, data, T, b.exit_windows, device=b.device)
+        out[f'{criterion}@{threshold}'] = dict(
+            tok_s=t['a']['median'], ratio=t['ratio']['median'], ratio_min=t['ratio']['min'],
+            ratio_max=t['ratio']['max'], val_loss=q['loss'], loss_delta=(q['loss'] - base) / base,
+            val_exit_layer=q['mean_exit_layer'], gen_exit_layer=stats['mean_exit_layer'],
+            flops_per_token=stats['flops_per_token'])
+    m.config.exit_criterion, m.config.exit_threshold = kept
+    return out
+
+
+def speculative(b):
+    """self-speculative decode, batch 1, greedy: tok/s vs decode='full' of the same model"""
+    if b.baseline is None:
+        return None
+    m, prompt, n = b.model, b.prompt[:1], b.new_tokens
+    out = {}
+    kept = m.config.spec_exit_layer, m.config.spec_draft_tokens
+    for layers, tokens in b.spec_sweep:
+        m.config.spec_exit_layer, m.config.spec_draft_tokens = layers, tokens
+        stats = {}
+        spec, full, t = time_pair(lambda: m.generate(prompt, n, temperature=0, decode='speculative', stats=stats),
+                                  lambda: m.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+        out[f'draft {layers} layers x {tokens}'] = dict(
+            tok_s=t['a']['median'], full_tok_s=t['b']['median'], ratio=t['ratio']['median'],
+            ratio_min=t['ratio']['min'], ratio_max=t['ratio']['max'], identical_tokens=torch.equal(spec, full),
+            acceptance_rate=stats['acceptance_rate'], tokens_per_pass=stats['tokens_per_pass'],
+            flops_per_token=stats['flops_per_token'])
+    m.config.spec_exit_layer, m.config.spec_draft_tokens = kept
+    return out
+
+
+def exit_costs(b):
+    """early exit cost breakdown, batch 1, mid-generation (new_tokens / 2 cached positions): microseconds"""
+    if b.baseline is None:
+        return None
+    m, base, ctx = b.model, b.baseline, b.new_tokens // 2
+    dec, base_cache = EarlyExitDecoder(m, threshold=2.0), base.new_cache(1)  # threshold 2: runs every layer
+    for t in torch.randint(m.config.vocab_size, (ctx,), generator=torch.Generator().manual_seed(0)):
+        dec.step(t.view(1, 1))
+        base(t.view(1, 1), cache=base_cache)
+    x = m.embed(b.prompt[:1], ctx)  # (1, 1, C)
+
+    def us(fn, calls=200, repeats=5):
+        """Median over repeats of the mean time of one call, in microseconds; caches are rolled back."""
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+                for c in (*dec.cache, *base_cache):
+                    c.truncate(ctx)
+            b.sync()
+            times.append((time.perf_counter() - t0) / calls * 1e6)
+        return statistics.median(times)
+
+    out = dict(cached_positions=ctx, baseline_block_us=us(lambda: base.transformer.h[0](x, base_cache[0])),
+               block_us=us(lambda: m.transformer.h[0](x, dec.cache[0])), head_us=us(lambda: exit_logits(m, x)),
+               truncate_only_us=us(lambda: None))
+    for name, criterion in CRITERIA.items():  # the check after layer 0, with its one host sync
+        out[f'check_{name}_us'] = us(lambda: criterion(m, 0, x, x)[0].item())
+    for layer in (0, m.config.n_layer // 2):
+        if m.plan.exit[layer]:
+            out[f'propagate_from_layer_{layer + 1}_us'] = us(lambda: dec.propagate(x, layer))
+    return out
+
+
 def memory(b):
     """peak memory of the process (after every row above)"""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -215,9 +318,9 @@ def train_step(model, x):
 
 def against_baseline(b):
     """the model vs --baseline: training step (fwd+bwd) and decode batch 1"""
-    if b.baseline is None:
+    if b.baseline_model is None:
         return None
-    m, base, x = b.model, b.baseline, b.prefill_x[:b.train_batch]
+    m, base, x = b.model, b.baseline_model, b.prefill_x[:b.train_batch]
     _, _, train = time_pair(train_step(m, x), train_step(base, x), b.runs, x.numel(), b.sync)
     gen = lambda model: lambda: model.generate(b.prompt[:1], b.new_tokens, temperature=0)  # noqa: E731
     _, _, dec = time_pair(gen(m), gen(base), b.runs, b.new_tokens, b.sync)
@@ -259,11 +362,11 @@ def pondering(b):
                    ponder_layers=','.join(map(str, layers)), max_pondering_steps=N,
                    mean_ponder_steps=steps.float().mean().item(),
                    ponder_steps_fractions=[round((steps == n).float().mean().item(), 4) for n in range(1, N + 1)])
-    if b.baseline is not None:  # easy and hard tokens: the quarters of lowest and highest baseline loss
+    if b.baseline_model is not None:  # easy and hard tokens: the quarters of lowest and highest baseline loss
         starts = fixed_windows(data, T, windows)
         x = torch.from_numpy(np.stack([data[j:j + T] for j in starts]).astype(np.int64))
         y = torch.from_numpy(np.stack([data[j + 1:j + 1 + T] for j in starts]).astype(np.int64))
-        base_loss = torch.cat([F.cross_entropy(b.baseline(xb.to(b.device), yb.to(b.device))[0].transpose(1, 2).float(),
+        base_loss = torch.cat([F.cross_entropy(b.baseline_model(xb.to(b.device), yb.to(b.device))[0].transpose(1, 2).float(),
                                                yb.to(b.device), reduction='none').cpu()
                                for xb, yb in zip(x.split(b.batch), y.split(b.batch))])  # (windows, T)
         mean_steps = steps.float().mean(dim=2)  # (windows, T) over the pondering layers
@@ -290,10 +393,13 @@ def pondering(b):
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
-                                against_baseline, hourglass, pondering, memory)}
+                                exit_full, early_exit, speculative, exit_costs, against_baseline, hourglass,
+                                pondering, memory)}
 
 
 def fmt(key, v):
+    if isinstance(v, dict) and 'median' not in v:  # one setting of a sweep: its figures on one line
+        return ', '.join(f"{k} {fmt(k, x)}" for k, x in v.items())
     if isinstance(v, dict):  # stats of timed runs
         return f"{fmt(key, v['median'])}  ({fmt(key, v['min'])} - {fmt(key, v['max'])})"
     if isinstance(v, bool):
@@ -303,15 +409,15 @@ def fmt(key, v):
     if 'flops' in key:
         return f"{v / 1e6:.2f} MFLOP"
     if isinstance(v, float):
-        return (f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}") + ('x' if key == 'ratio' else '')
+        return (f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}") + ('x' if key.startswith('ratio') else '')
     return f"{v:,}" if key.startswith('params') else str(v)
 
 
-def load_model(config, key='ckpt'):
-    if not config[key]:
+def load_model(config):
+    if not config['ckpt']:
         return GPT(GPTConfig(**{k: config[k] for k in MODEL_ARGS}))
     try:
-        model, _ = model_from_checkpoint(load_checkpoint(config[key]), config['data_root'])
+        model, _ = model_from_checkpoint(load_checkpoint(config['ckpt']), config['data_root'])
     except (ValueError, OSError, pickle.UnpicklingError) as e:
         fail(e)
     return model
@@ -331,12 +437,17 @@ def main():
     if config['compile']:
         model.compile()  # compiles model(...), which both generation paths call
     V, T = model.config.vocab_size, model.config.block_size
+    early_exit_model = getattr(model.config, 'enable_early_exit', False)
+    baseline = load_model({**config, 'ckpt': config['baseline']}).eval().to(device) if config['baseline'] else None
     g = torch.Generator().manual_seed(config['seed'])
     b = SimpleNamespace(
         model=model, device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],
-        val_data=config['val_data'], val_windows=config['val_windows'], train_batch=config['train_batch'],
-        baseline=load_model(config, 'baseline').eval().to(device) if config['baseline'] else None,
-        baseline_path=config['baseline'],
+        val_data=config['val_data'], val_windows=config['val_windows'],
+        baseline=baseline if early_exit_model else None, baseline_model=baseline, baseline_path=config['baseline'],
+        train_batch=config['train_batch'], exit_windows=config['exit_windows'],
+        exit_sweep=[(c, float(t)) for part in config['exit_sweep'].split(';') for c, ts in [part.split(':')]
+                    for t in ts.split(',')],
+        spec_sweep=[tuple(map(int, s.split(':'))) for s in config['spec_sweep'].split(',')],
         prompt=torch.randint(V, (config['batch'], 1), generator=g).to(device),  # one-token prompts (B, 1)
         prefill_x=torch.randint(V, (config['batch'], T), generator=g).to(device),  # (B, block_size)
         sync={'cuda': torch.cuda.synchronize, 'mps': torch.mps.synchronize}.get(device.split(':')[0], lambda: None),
