@@ -18,12 +18,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit
 from early_exit import CRITERIA, EarlyExitDecoder, exit_logits
 from efficient_modules import MoEMLP, TopKMLP, ffn_flops_per_token, set_topk_gather
-from evaluate import bits, decode_consistent_loss, evaluate_loss, fixed_windows
+from evaluate import bits, decode_consistent_loss, evaluate_loss, fixed_windows, teacher_forced_decode_loss
 from model import GPT, MLP, GPTConfig
 from model_efficient import EfficientGPTConfig
 from sample import REPO, autocast, fail, pick_device, pick_dtype
@@ -47,9 +48,12 @@ DEFAULTS = dict(
     seed=1337,  # random weights, prompts and prefill tokens
     val_data='',  # a dataset folder: adds the deterministic validation loss of its val.bin
     val_windows=0,  # score only the first val_windows fixed windows; 0: all of them
+    train_batch=8,  # batch of the training-step timing (the CPU benchmark config's)
     json='',  # write every figure and the settings to this path
-    # mechanism rows (early exit, top-k / MoE checkpoints in --ckpt): compared with this cached baseline in one run
-    baseline='',  # checkpoint of the baseline (e.g. out-bench-baseline/ckpt.pt); empty: those rows are skipped
+    # the cached baseline, compared in the same run by the early exit rows (an early-exit checkpoint in --ckpt)
+    # and by the against_baseline, pondering and sparse_* rows (any --ckpt of the same depth); empty: those rows
+    # are skipped
+    baseline='',  # checkpoint of the baseline (e.g. out-bench-baseline/ckpt.pt)
     exit_sweep='max_prob:0.8,0.5,0.3;margin:0.6,0.3,0.1;saturation:0.995,0.99,0.98;learned:0.9,0.8,0.6',  # criterion:thresholds;...
     exit_windows=8,  # decode-consistent val loss over the first exit_windows fixed windows of val.bin
     spec_sweep='1:4,2:4,2:6,3:6',  # self-speculative settings, spec_exit_layer:spec_draft_tokens,...
@@ -162,7 +166,7 @@ def val_memmap(b):
 
 def exit_full(b):
     """early-exit model, decode='full' vs the cached baseline, batch 1"""
-    if b.baseline is None or not b.early_exit:
+    if b.baseline is None:
         return None
     prompt, n = b.prompt[:1], b.new_tokens
     _, _, t = time_pair(lambda: b.model.generate(prompt, n, temperature=0),
@@ -172,7 +176,7 @@ def exit_full(b):
 
 def early_exit(b):
     """early exit sweep, batch 1: tok/s vs the cached baseline, decode-consistent val loss, layers, FLOPs"""
-    if b.baseline is None or not b.early_exit or not b.val_data:
+    if b.baseline is None or not b.val_data:
         return None
     m, prompt, n, T = b.model, b.prompt[:1], b.new_tokens, b.model.config.block_size
     data = val_memmap(b)
@@ -198,7 +202,7 @@ def early_exit(b):
 
 def speculative(b):
     """self-speculative decode, batch 1, greedy: tok/s vs decode='full' of the same model"""
-    if b.baseline is None or not b.early_exit:
+    if b.baseline is None:
         return None
     m, prompt, n = b.model, b.prompt[:1], b.new_tokens
     out = {}
@@ -219,7 +223,7 @@ def speculative(b):
 
 def exit_costs(b):
     """early exit cost breakdown, batch 1, mid-generation (new_tokens / 2 cached positions): microseconds"""
-    if b.baseline is None or not b.early_exit:
+    if b.baseline is None:
         return None
     m, base, ctx = b.model, b.baseline, b.new_tokens // 2
     dec, base_cache = EarlyExitDecoder(m, threshold=2.0), base.new_cache(1)  # threshold 2: runs every layer
@@ -266,7 +270,7 @@ def ffn_paths(mlps, other):
 def sparse_decode(b):
     """top-k / MoE: cached decode vs the cached baseline, batch 1 and batched (top-k: gathered and masked)"""
     mlps = ffn_slots(b.model)
-    if not any(isinstance(x, (TopKMLP, MoEMLP)) for x in mlps) or b.baseline is None:
+    if not any(isinstance(x, (TopKMLP, MoEMLP)) for x in mlps) or b.baseline_model is None:
         return None
     paths, fig, tokens = ffn_paths(mlps, 'moe'), {}, {}
     for prompt in (b.prompt[:1], b.prompt):
@@ -274,7 +278,8 @@ def sparse_decode(b):
         for name, gather in paths.items():
             set_topk_gather(b.model, gather)
             gen = lambda m: lambda: m.generate(prompt, b.new_tokens, temperature=0)  # noqa: E731
-            tokens[name], _, t = time_pair(gen(b.model), gen(b.baseline), b.runs, B * b.new_tokens, b.sync)
+            tokens[name], _, t = time_pair(gen(b.model), gen(b.baseline_model), b.runs, B * b.new_tokens,
+                                           b.sync)
             fig.update({f'b{B}_{name}_tok_s': t['a'], f'b{B}_baseline_tok_s': t['b'],
                         f'b{B}_{name}_vs_baseline': t['ratio']})
         if 'masked' in tokens:  # the two top-k paths compute the same function: the same greedy tokens
@@ -291,7 +296,7 @@ def sparse_compute(b):
     ctx = (b.new_tokens + 1) / 2  # mean positions attended, as in compute
     # dense_flops_per_token counts every weight once; replace the FFN slots' weights by what they execute
     rest = dense_flops_per_token(m, ctx) - 2 * sum(p.numel() for x in mlps for p in x.parameters())
-    fig = dict(mean_ctx=ctx, baseline_flops_per_token=dense_flops_per_token(b.baseline or m, ctx),
+    fig = dict(mean_ctx=ctx, baseline_flops_per_token=dense_flops_per_token(b.baseline_model or m, ctx),
                all_weights_flops_per_token=dense_flops_per_token(m, ctx))
     for name, gather in ffn_paths(mlps, 'executed').items():
         set_topk_gather(m, gather)
@@ -309,7 +314,7 @@ def sparse_compute(b):
 def sparse_quality(b):
     """top-k / MoE: validation loss vs the baseline over the same fixed windows (and expert load on them)"""
     mlps = ffn_slots(b.model)
-    if not b.val_data or b.baseline is None or not any(isinstance(x, (TopKMLP, MoEMLP)) for x in mlps):
+    if not b.val_data or b.baseline_model is None or not any(isinstance(x, (TopKMLP, MoEMLP)) for x in mlps):
         return None
     data = val_memmap(b)
     T, windows = b.model.config.block_size, b.val_windows or None
@@ -317,7 +322,7 @@ def sparse_quality(b):
     for x in moes:
         x.reset_expert_load()
     loss = evaluate_loss(b.model, data, T, b.batch, windows, b.device)
-    base = evaluate_loss(b.baseline, data, T, b.batch, windows, b.device)
+    base = evaluate_loss(b.baseline_model, data, T, b.batch, windows, b.device)
     fig = dict(windows=len(fixed_windows(data, T, windows)), val_loss=loss, baseline_val_loss=base,
                quality_delta=(loss - base) / base)
     if moes:
@@ -354,11 +359,139 @@ def memory(b):
     return peak
 
 
+# --- hourglass and ACT rows: the model against --baseline (a model of the same depth) ---------------
+
+def executed_flops_per_token(model, ctx, ponder_steps):
+    """Forward FLOPs one generated token executes, counted from what ran: 2 per multiply-add of every
+    weight used plus q.k and att.v over the keys attended (as dense_flops_per_token). A shortened layer
+    runs once per k tokens over ctx/k keys, and so do pooling and upsampling; a pondering layer runs
+    its block ponder_steps[i] times (the measured mean, halting unit included) and one K/V projection
+    for each step it skipped."""
+    c, C = model.config, model.config.n_embd
+    k, plan = c.hierarchy_factor, model.plan
+
+    def layer(block, keys):
+        return 2 * sum(p.numel() for p in block.parameters()) + 2 * 2 * C * keys
+
+    total = 2 * c.vocab_size * C  # the LM head (the tied token table)
+    for i, block in enumerate(model.transformer.h):
+        keys, per_token = (ctx / k, 1 / k) if plan.shortened[i] else (ctx, 1)
+        if plan.ponder[i]:
+            steps = ponder_steps[i]
+            total += per_token * (steps * layer(block, keys) + (block.max_steps - steps) * 2 * 2 * C * C)
+        else:
+            total += per_token * layer(block, keys)
+    if model.hourglass is not None:
+        total += 2 * sum(p.numel() for p in model.hourglass.parameters()) / k
+    return total
+
+
+def decode_counts(model, prompt, n):
+    """Greedy decode of n tokens after prompt (1, T), counting what ran: the runs of the first shortened
+    layer and the mean ponder steps of each pondering layer (per position fed)."""
+    short_runs, steps, hooks = [], {}, []
+    if model.hourglass is not None:
+        first = model.transformer.h[model.shortened.start]
+        hooks.append(first.register_forward_hook(lambda mod, i, o: short_runs.append(o.size(1))))
+    for i, block in enumerate(model.transformer.h):
+        if model.plan.ponder[i]:
+            hooks.append(block.register_forward_hook(lambda mod, inp, o, i=i: steps.setdefault(i, []).append(mod.steps)))
+    model.generate(prompt, n, temperature=0)  # feeds positions 0 .. T+n-2
+    for h in hooks:
+        h.remove()
+    mean_steps = {i: torch.cat([s.flatten() for s in v]).float().mean().item() for i, v in steps.items()}
+    return len(short_runs), mean_steps
+
+
+def train_step(model, x):
+    """One forward and backward over x (B, T) with the aux losses, as the training loop does."""
+    def step():
+        with torch.enable_grad():
+            model.zero_grad(set_to_none=True)
+            _, loss = model(x, x)
+            (loss + sum(w * v for w, v in model.aux_losses().values())).backward()
+    return step
+
+
+def against_baseline(b):
+    """the model vs --baseline: training step (fwd+bwd) and decode batch 1"""
+    if b.baseline_model is None:
+        return None
+    m, base, x = b.model, b.baseline_model, b.prefill_x[:b.train_batch]
+    _, _, train = time_pair(train_step(m, x), train_step(base, x), b.runs, x.numel(), b.sync)
+    gen = lambda model: lambda: model.generate(b.prompt[:1], b.new_tokens, temperature=0)  # noqa: E731
+    _, _, dec = time_pair(gen(m), gen(base), b.runs, b.new_tokens, b.sync)
+    return dict(baseline=b.baseline_path, train_batch=x.size(0), train_tok_s=train['a'],
+                baseline_train_tok_s=train['b'], train_speedup=train['ratio'], decode_tok_s=dec['a'],
+                baseline_decode_tok_s=dec['b'], decode_speedup=dec['ratio'])
+
+
+def hourglass(b):
+    """hourglass: shortened-layer runs and FLOPs executed per generated token, batch 1"""
+    m = b.model
+    if getattr(m, 'hourglass', None) is None:
+        return None
+    runs, ponder_steps = decode_counts(m, b.prompt[:1], b.new_tokens)
+    ctx = (b.new_tokens + 1) / 2
+    return dict(hierarchy_factor=m.config.hierarchy_factor, layers=f"{len(m.pre)} pre / {len(m.shortened)} "
+                f"shortened / {len(m.post)} post", shortened_runs_per_token=runs / b.new_tokens,
+                executed_flops_per_token=executed_flops_per_token(m, ctx, ponder_steps),
+                dense_flops_per_token=dense_flops_per_token(m, ctx))
+
+
+def pondering(b):
+    """ACT: ponder steps on validation text through the decode engine, decode-consistent loss, easy vs hard tokens"""
+    m = b.model
+    layers = [i for i, p in enumerate(getattr(getattr(m, 'plan', None), 'ponder', ())) if p]
+    if not layers or not b.val_data:
+        return None
+    data = np.memmap(os.path.join(b.val_data, 'val.bin'), dtype=np.uint16, mode='r')
+    T, windows, N = m.config.block_size, b.val_windows or None, m.config.max_pondering_steps
+    per_step = []  # one (B, len(layers)) tensor of ponder steps per decoded token
+
+    def record(model):
+        per_step.append(torch.stack([model.transformer.h[i].steps[:, -1] for i in layers], dim=1))
+    loss, scored = teacher_forced_decode_loss(m, data, T, b.batch, windows, b.device, on_step=record)
+    # regroup to (windows, T, layers): the engine decodes b.batch windows at a time, T steps each
+    steps = torch.cat([torch.stack(per_step[i:i + T], dim=1) for i in range(0, len(per_step), T)]).cpu()
+    figures = dict(val_windows=steps.size(0), tokens_scored=scored, decode_consistent_val_loss=loss,
+                   forward_val_loss=evaluate_loss(m, data, T, b.batch, windows, b.device),
+                   ponder_layers=','.join(map(str, layers)), max_pondering_steps=N,
+                   mean_ponder_steps=steps.float().mean().item(),
+                   ponder_steps_fractions=[round((steps == n).float().mean().item(), 4) for n in range(1, N + 1)])
+    if b.baseline_model is not None:  # easy and hard tokens: the quarters of lowest and highest baseline loss
+        starts = fixed_windows(data, T, windows)
+        x = torch.from_numpy(np.stack([data[j:j + T] for j in starts]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[j + 1:j + 1 + T] for j in starts]).astype(np.int64))
+        base_loss = torch.cat([F.cross_entropy(b.baseline_model(xb.to(b.device), yb.to(b.device))[0].transpose(1, 2).float(),
+                                               yb.to(b.device), reduction='none').cpu()
+                               for xb, yb in zip(x.split(b.batch), y.split(b.batch))])  # (windows, T)
+        mean_steps = steps.float().mean(dim=2)  # (windows, T) over the pondering layers
+        lo, hi = base_loss.quantile(0.25), base_loss.quantile(0.75)
+        figures.update(easy_tokens_mean_steps=mean_steps[base_loss <= lo].mean().item(),
+                       hard_tokens_mean_steps=mean_steps[base_loss >= hi].mean().item(),
+                       steps_vs_baseline_loss_corr=torch.corrcoef(torch.stack([mean_steps.flatten(),
+                                                                               base_loss.flatten()]))[0, 1].item())
+    # speed against a plain model with the same maximum compute (every pondering layer run N times)
+    gpt_args = {f.name: getattr(m.config, f.name) for f in fields(GPTConfig)}
+    same_max = GPT(GPTConfig(**{**gpt_args, 'n_layer': m.config.n_layer + (N - 1) * len(layers)})).eval().to(b.device)
+    gen = lambda model: lambda: model.generate(b.prompt[:1], b.new_tokens, temperature=0)  # noqa: E731
+    _, _, dec = time_pair(gen(m), gen(same_max), b.runs, b.new_tokens, b.sync)
+    _, decode_steps = decode_counts(m, b.prompt[:1], b.new_tokens)
+    ctx = (b.new_tokens + 1) / 2
+    figures.update(same_max_compute_layers=same_max.config.n_layer, decode_tok_s=dec['a'],
+                   same_max_compute_decode_tok_s=dec['b'], decode_speedup=dec['ratio'],
+                   decode_mean_ponder_steps_by_layer=[round(decode_steps[i], 4) for i in layers],
+                   executed_flops_per_token=executed_flops_per_token(m, ctx, decode_steps),
+                   same_max_compute_flops_per_token=dense_flops_per_token(same_max, ctx))
+    return figures
+
+
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
-                                exit_full, early_exit, speculative, exit_costs, sparse_decode, sparse_compute,
-                                sparse_quality, mlp_micro, memory)}
+                                exit_full, early_exit, speculative, exit_costs, against_baseline, hourglass,
+                                pondering, sparse_decode, sparse_compute, sparse_quality, mlp_micro, memory)}
 
 
 def fmt(key, v):
@@ -407,7 +540,8 @@ def main():
     b = SimpleNamespace(
         model=model, device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],
         val_data=config['val_data'], val_windows=config['val_windows'],
-        baseline=baseline, early_exit=early_exit_model, exit_windows=config['exit_windows'], seed=config['seed'],
+        baseline=baseline if early_exit_model else None, baseline_model=baseline, baseline_path=config['baseline'],
+        train_batch=config['train_batch'], exit_windows=config['exit_windows'], seed=config['seed'],
         exit_sweep=[(c, float(t)) for part in config['exit_sweep'].split(';') for c, ts in [part.split(':')]
                     for t in ts.split(',')],
         spec_sweep=[tuple(map(int, s.split(':'))) for s in config['spec_sweep'].split(',')],
@@ -416,7 +550,6 @@ def main():
         sync={'cuda': torch.cuda.synchronize, 'mps': torch.mps.synchronize}.get(device.split(':')[0], lambda: None),
     )
     setup = dict(command=' '.join(['python bench.py', *sys.argv[1:]]), model=config['ckpt'] or 'random weights',
-                 baseline=config['baseline'] or 'none',
                  model_type=type(model).__name__, params=model.get_num_params(non_embedding=False),
                  params_non_embedding=model.get_num_params(), device=device, dtype=dtype,
                  threads=torch.get_num_threads(), torch=torch.__version__, compile=config['compile'],

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from early_exit import CRITERIA, DECODE, ExitHeads, ExitPoint, keep_output, no_losses
-from efficient_modules import ATTN, FFN
-from model import GPT, GPTConfig, LayerNorm
+from efficient_modules import ATTN, FFN, Ponder
+from hierarchical_modules import Hourglass, HourglassState, groups_closed
+from model import GPT, GPTConfig, KVCache, LayerNorm
 
 
 @dataclass
@@ -28,6 +29,17 @@ class EfficientGPTConfig(GPTConfig):
     spec_exit_layer: int = 0  # self-speculative decode drafts with this many layers; 0: half of n_layer
     spec_draft_tokens: int = 4  # tokens drafted per verification pass
 
+    # hierarchical processing: hourglass (hierarchical_modules.Hourglass)
+    enable_hierarchical: bool = False
+    hierarchy_factor: int = 2  # k: the shortened layers see one position per k tokens
+    hierarchy_layers: str = 'none'  # the shortened layers, a contiguous run after layer 0, e.g. '1,2,3,4'
+    # adaptive computation time (efficient_modules.Ponder)
+    enable_adaptive_compute: bool = False
+    max_pondering_steps: int = 3  # N: a pondering layer runs its block at most this many times per token
+    ponder_cost: float = 0.01  # tau: weight of the ponder cost N + R in the loss
+    act_layers: str = 'none'  # which layers ponder (a pattern, see expand_layers)
+    act_epsilon: float = 0.01  # a token halts once its halting probabilities sum to 1 - act_epsilon
+
     # sparse activation: top-k MLP (efficient_modules.TopKMLP)
     enable_sparse_activation: bool = False
     sparsity_ratio: float = 0.1  # fraction of the 4 * n_embd hidden units each token keeps
@@ -41,6 +53,7 @@ class EfficientGPTConfig(GPTConfig):
     moe_layers: str = 'all'  # which layers are MoE MLPs
 
     def __post_init__(self):
+        self.check_hierarchy_and_act()
         self.check_sparse_and_routing()
         if self.enable_early_exit:
             if self.exit_criterion not in CRITERIA:
@@ -52,6 +65,23 @@ class EfficientGPTConfig(GPTConfig):
             if not 0 <= self.spec_exit_layer < self.n_layer or self.spec_draft_tokens < 1:
                 raise ValueError(f"spec_exit_layer must be in [0, n_layer={self.n_layer}) (0: n_layer // 2) "
                                  f"and spec_draft_tokens >= 1")
+
+    def check_hierarchy_and_act(self):
+        if self.hierarchy_factor < 1:
+            raise ValueError(f"hierarchy_factor must be at least 1, not {self.hierarchy_factor}")
+        shortened = [i for i, s in enumerate(expand_layers(self.hierarchy_layers, self.n_layer)) if s]
+        if self.enable_hierarchical:
+            if not shortened or shortened[0] == 0 or shortened != list(range(shortened[0], shortened[-1] + 1)):
+                raise ValueError(f"hierarchy_layers={self.hierarchy_layers!r} must name a contiguous run of layers "
+                                 f"that leaves layer 0 at full resolution, e.g. '1,2,3,4' of {self.n_layer}")
+        if self.max_pondering_steps < 1:
+            raise ValueError(f"max_pondering_steps must be at least 1, not {self.max_pondering_steps}")
+        if self.ponder_cost < 0 or not 0 <= self.act_epsilon < 1:
+            raise ValueError("ponder_cost must be >= 0 and act_epsilon in [0, 1)")
+        expand_layers(self.act_layers, self.n_layer)  # a bad pattern fails here, not at build time
+        if self.enable_early_exit and (self.enable_hierarchical or self.enable_adaptive_compute):
+            raise ValueError("enable_early_exit does not combine with enable_hierarchical or enable_adaptive_compute "
+                             "yet: the early-exit decode engines run the layers one by one at full resolution")
 
     def check_sparse_and_routing(self):
         if not 0 < self.sparsity_ratio <= 1:
@@ -103,15 +133,26 @@ class LayerPlan:
     attn: tuple
     ffn: tuple
     exit: tuple  # True where a token may leave the stack early (never the last layer)
+    shortened: tuple  # True: the layer runs inside the hourglass at 1/hierarchy_factor resolution
+    ponder: tuple  # True: the layer is an ACT pondering block
 
     @classmethod
     def from_config(cls, config):
         L = config.n_layer
-        sparse = expand_layers(config.sparse_layers, L) if config.enable_sparse_activation else (False,) * L
-        moe = expand_layers(config.moe_layers, L) if config.enable_dynamic_routing else (False,) * L
+        off = (False,) * L
+        exits = expand_layers(config.exit_layers, L)[:-1] + (False,) if config.enable_early_exit else off
+        shortened = expand_layers(config.hierarchy_layers, L) if config.enable_hierarchical else off
+        ponder = expand_layers(config.act_layers, L) if config.enable_adaptive_compute else off
+        sparse = expand_layers(config.sparse_layers, L) if config.enable_sparse_activation else off
+        moe = expand_layers(config.moe_layers, L) if config.enable_dynamic_routing else off
         ffn = tuple('moe' if moe[i] else 'topk' if sparse[i] else 'dense' for i in range(L))
-        exits = expand_layers(config.exit_layers, L)[:-1] + (False,) if config.enable_early_exit else (False,) * L
-        return cls(attn=('full',) * L, ffn=ffn, exit=exits)
+        return cls(attn=('full',) * L, ffn=ffn, exit=exits, shortened=shortened, ponder=ponder)
+
+    def runs(self):
+        """(pre, shortened, post) layer ranges: everything is 'pre' without an hourglass."""
+        s = [i for i, v in enumerate(self.shortened) if v]
+        a, b = (s[0], s[-1] + 1) if s else (len(self.shortened),) * 2
+        return range(a), range(a, b), range(b, len(self.shortened))
 
 
 class EfficientBlock(nn.Module):
@@ -131,6 +172,9 @@ class EfficientBlock(nn.Module):
         y = y + self.mlp(self.ln_2(y))
         return self.exit(x, y, self.training)
 
+    def new_cache(self, make_cache, max_len):
+        return make_cache(max_len)
+
 
 class EfficientGPT(GPT):
 
@@ -141,9 +185,53 @@ class EfficientGPT(GPT):
         # early exit: the exit loss through the shared ln_f and lm_head, and CALM's exit classifiers
         self.exit_heads = ExitHeads(config, self.plan) if config.enable_early_exit else None
         self.exit_losses = self.exit_heads.losses if config.enable_early_exit else no_losses
+        # hourglass and ACT
+        for m in self.modules():  # GPT's init zeroed every bias; h = sigmoid(1) = 0.73: two steps per token at first
+            if isinstance(m, Ponder):
+                nn.init.constant_(m.halt.bias, 1.0)
+        self.pre, self.shortened, self.post = self.plan.runs()
+        self.hourglass = Hourglass(config) if self.shortened else None
 
     def make_block(self, layer):
-        return EfficientBlock(self.config, self.plan, layer)
+        block = EfficientBlock(self.config, self.plan, layer)
+        return Ponder(block, self.config) if self.plan.ponder[layer] else block
+
+    def run_layers(self, x, cache=None):
+        """The blocks in order; with an hourglass the shortened run sits between the pre and post runs."""
+        h, caches = self.transformer.h, cache or [None] * (len(self.transformer.h) + 1)
+        for i in self.pre:
+            x = h[i](x, caches[i])
+        if self.hourglass is not None:
+            s = slice(self.shortened.start, self.shortened.stop)
+            x = self.hourglass(x, h[s], caches[s], caches[-1])
+        for i in self.post:
+            x = h[i](x, caches[i])
+        return x
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        """One cache per layer (a KVCache; the shortened layers' hold block_size / k positions; a
+        pondering layer's is one KVCache per step), then, with an hourglass, its HourglassState."""
+        c, p = self.config, self.lm_head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+
+        def make_cache(max_len):
+            return KVCache(batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype)
+
+        short_len = groups_closed(c.block_size, c.hierarchy_factor)
+        caches = [block.new_cache(make_cache, short_len if self.plan.shortened[i] else c.block_size)
+                  for i, block in enumerate(self.transformer.h)]
+        if self.hourglass is not None:
+            caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype))
+        return caches
+
+    def truncate_cache(self, cache, n):
+        """Roll a cache from new_cache back to its first n positions (the shortened layers' caches to
+        the groups closed by then), e.g. after rejected speculative tokens."""
+        k = self.config.hierarchy_factor
+        for i, c in enumerate(cache[:self.config.n_layer]):
+            c.truncate(groups_closed(n, k) if self.plan.shortened[i] else n)
+        for c in cache[self.config.n_layer:]:  # the HourglassState
+            c.truncate(n)
 
     def forward(self, idx, targets=None, cache=None):
         logits, loss = super().forward(idx, targets, cache)
