@@ -228,12 +228,14 @@ def test_bench_rows_for_topk_and_moe(tmp_path):
     for name in ('topk', 'moe'):
         cmd = [sys.executable, os.path.join(ROOT, 'bench.py'), f'--ckpt={paths[name]}', f"--baseline={paths['base']}",
                '--rows=sparse_decode,sparse_compute,sparse_quality,mlp_micro', '--new_tokens=6', '--runs=1',
-               '--batch=2', '--device=cpu', f'--val_data={tmp_path}', '--val_windows=2', f'--json={tmp_path}/{name}.json']
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+               '--batch=2', '--device=cpu', f'--val_data={tmp_path}', '--val_windows=2',
+               f'--json={tmp_path}/{name}.json']
+        env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr
         rows[name] = json.loads((tmp_path / f'{name}.json').read_text())['rows']
     topk, moe = rows['topk'], rows['moe']
-    assert topk['sparse_decode']['b1_gathered_equals_masked_tokens'] and topk['sparse_decode']['b2_gathered_equals_masked_tokens']
+    assert all(topk['sparse_decode'][f'b{B}_gathered_equals_masked_tokens'] for B in (1, 2))
     flops = topk['sparse_compute']
     assert flops['gathered_flops_per_token'] < flops['masked_flops_per_token'] == flops['baseline_flops_per_token']
     assert set(topk['mlp_micro']) >= {'d128_gathered_vs_dense', 'd384_gathered_vs_dense', 'd768_gathered_vs_dense'}
