@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from efficient_modules import ATTN, FFN
+from efficient_modules import ATTN, CACHE, FFN
 from model import GPT, GPTConfig, LayerNorm
 
 
@@ -16,8 +16,35 @@ from model import GPT, GPTConfig, LayerNorm
 class EfficientGPTConfig(GPTConfig):
     # Each mechanism adds its group of fields here, off by default; conflicts go in __post_init__.
 
+    # local attention (mechanism 5): the query at position t attends to itself and the w-1 positions before
+    # it (t-w+1 .. t); O(T·w) training and a rolling KV cache of w entries at decode
+    enable_local_attention: bool = False
+    local_attention_window: int = 128  # w
+    local_layers: str = 'all'  # which layers are local (expand_layers pattern: 'all', 'every:N', '0,2'...); the rest full
+    attention_sinks: int = 0  # the first s positions stay visible to every local query (StreamingLLM); 0: none
+    # positions: 'learned' (nanoGPT's wpe table, block_size positions) or 'rope' (rotary q, k; no wpe). With rope
+    # and every layer local, generation continues past block_size at constant memory
+    pos_emb: str = 'learned'
+    rope_base: float = 10000.0
+
     def __post_init__(self):
-        pass
+        self.check_local_attention()
+
+    def check_local_attention(self):
+        if self.pos_emb not in ('learned', 'rope'):
+            raise ValueError(f"pos_emb must be 'learned' or 'rope', not {self.pos_emb!r}")
+        if self.pos_emb == 'rope' and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_emb='rope' needs an even head size, not n_embd/n_head = {self.n_embd // self.n_head}")
+        if self.rope_base <= 0:
+            raise ValueError(f"rope_base must be > 0, not {self.rope_base}")
+        if self.local_attention_window < 1:
+            raise ValueError(f"local_attention_window must be >= 1, not {self.local_attention_window}")
+        if self.attention_sinks < 0:
+            raise ValueError(f"attention_sinks must be >= 0, not {self.attention_sinks}")
+        if self.enable_local_attention:
+            expand_layers(self.local_layers, self.n_layer)  # raises on a bad pattern
+        elif self.attention_sinks or self.local_layers != 'all' or self.local_attention_window != 128:
+            raise ValueError("local_attention_window, local_layers and attention_sinks need enable_local_attention=True")
 
 
 def expand_layers(pattern, n_layer):
@@ -54,7 +81,10 @@ class LayerPlan:
     @classmethod
     def from_config(cls, config):
         L = config.n_layer
-        return cls(attn=('full',) * L, ffn=('dense',) * L)
+        local = expand_layers(config.local_layers, L) if config.enable_local_attention else (False,) * L
+        positions = '_rope' if config.pos_emb == 'rope' else ''
+        attn = tuple(('local' if is_local else 'full') + positions for is_local in local)
+        return cls(attn=attn, ffn=('dense',) * L)
 
 
 class EfficientBlock(nn.Module):
@@ -78,6 +108,33 @@ class EfficientGPT(GPT):
     def __init__(self, config):
         self.plan = LayerPlan.from_config(config)  # read by make_block during GPT.__init__
         super().__init__(config)
+        if config.pos_emb == 'rope':  # positions enter through q, k in every attention layer instead
+            del self.transformer['wpe']
+            self.embed = self.embed_tokens
+        # with rotary positions and every layer local nothing depends on the position count: the model streams
+        self.streams = all(kind == 'local_rope' for kind in self.plan.attn)
+
+    def embed_tokens(self, idx, start=0):
+        """Token embeddings only (rotary positions): no position table, so no block_size limit. (B, T, C)"""
+        return self.transformer.drop(self.transformer.wte(idx))
+
+    def new_cache(self, batch_size, device=None, dtype=None, rollback=0):
+        """One cache per layer, of the kind its attention reads (CACHE registry): full for full attention,
+        rolling for local layers. rollback: positions a rolling cache must be able to take back on top
+        of one (speculative decoding's draft length)."""
+        p = self.lm_head.weight
+        return [CACHE[kind](self.config, batch_size, device or p.device, dtype or p.dtype, rollback)
+                for kind in self.plan.attn]
+
+    def next_logits(self, idx, cache=None):
+        """A streaming model (rotary positions, every layer local) sees no block_size limit: the cache keeps
+        rolling past it with no re-prefill, and the reference path recomputes the whole context (its
+        windows and absolute positions are what the cache holds). Any other model crops at block_size,
+        like the baseline: a full-attention layer's cache would grow, and learned positions end there."""
+        if not self.streams:
+            return super().next_logits(idx, cache)
+        logits, _ = self(idx if cache is None else idx[:, cache[0].len:], cache=cache)
+        return logits[:, -1, :]
 
     def make_block(self, layer):
         return EfficientBlock(self.config, self.plan, layer)
