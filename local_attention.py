@@ -51,22 +51,26 @@ def sliding_window_attention(q, k, v, window, sinks=0, dropout_p=0.0):
         return window_attention_reference(q, k, v, window, sinks, dropout_p)
     w, n = window, math.ceil(T / window)
     pad = n * w - T  # the padded tail queries are dropped at the end; causality hides their keys
-    qb = F.pad(q, (0, 0, 0, pad)).view(B * nh, n, w, hs)  # (B·nh, n, w, hs): chunk c = positions cw .. cw+w-1
-    # chunk c reads keys (c-1)w .. (c+1)w-1: its own chunk and the one before (empty slots before chunk 0)
-    kb = F.pad(k, (0, 0, w, pad)).unfold(2, 2 * w, w).transpose(-1, -2)  # (B, nh, n, 2w, hs)
-    vb = F.pad(v, (0, 0, w, pad)).unfold(2, 2 * w, w).transpose(-1, -2)
+
+    def chunks(t):  # (B, nh, T, hs) -> (B·nh, n, w, hs): chunk c holds positions cw .. cw+w-1
+        return F.pad(t, (0, 0, 0, pad)).reshape(B * nh, n, w, hs)
+
+    def with_previous(t):  # chunk c's keys: positions (c-1)w .. (c+1)w-1, empty slots before chunk 0
+        t = chunks(t)
+        return torch.cat([F.pad(t, (0, 0, 0, 0, 1, 0))[:, :n], t], dim=2)  # (B·nh, n, 2w, hs)
+
+    qb, kb, vb = chunks(q), with_previous(k), with_previous(v)
     q_pos = torch.arange(n * w, device=q.device).view(n, w, 1)
     k_pos = torch.arange(-w, w, device=q.device) + w * torch.arange(n, device=q.device).view(n, 1, 1)  # (n, 1, 2w)
     mask = window_mask(q_pos, k_pos, window)  # (n, w, 2w)
     if sinks:
         # the sinks as extra keys of every chunk, visible only where the band does not already hold them
         sink_pos = torch.arange(sinks, device=q.device)
-        kb = torch.cat([k[:, :, None, :sinks].expand(B, nh, n, sinks, hs), kb], dim=3)  # (B, nh, n, s+2w, hs)
-        vb = torch.cat([v[:, :, None, :sinks].expand(B, nh, n, sinks, hs), vb], dim=3)
+        kb = torch.cat([k[:, :, None, :sinks].expand(B, nh, n, sinks, hs).reshape(B * nh, n, sinks, hs), kb], dim=2)
+        vb = torch.cat([v[:, :, None, :sinks].expand(B, nh, n, sinks, hs).reshape(B * nh, n, sinks, hs), vb], dim=2)
         mask = torch.cat([(q_pos - sink_pos >= w).expand(n, w, sinks), mask], dim=2)  # (n, w, s+2w)
-    S = kb.size(3)
-    y = F.scaled_dot_product_attention(qb, kb.reshape(B * nh, n, S, hs), vb.reshape(B * nh, n, S, hs),
-                                       attn_mask=mask, dropout_p=dropout_p)  # (B·nh, n, w, hs)
+    # chunks stand where SDPA expects heads, so the mask is (1, n, w, S): the shape CPU flash attention takes
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[None], dropout_p=dropout_p)  # (B·nh, n, w, hs)
     return y.view(B, nh, n * w, hs)[:, :, :T]
 
 
