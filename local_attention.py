@@ -169,7 +169,7 @@ class RollingKVCache:
         self.len = 0  # absolute positions seen (rotary positions continue from here)
 
     def write(self, k, v, pos):
-        # of a prefill longer than the ring only the sinks and the last `ring` positions are kept
+        # several positions at once; of a prefill longer than the ring only the sinks and the last `ring` positions are kept
         keep = (pos < self.sinks) | (pos > pos[-1] - self.ring)  # (T,)
         pos = pos[keep]
         slots = torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.ring)
@@ -182,7 +182,8 @@ class RollingKVCache:
         T = k.size(2)
         pos = torch.arange(self.len, self.len + T, device=self.slot_pos.device)
         if T == 1:  # the slot overwritten held a position that has left the window: write, then read
-            self.write(k, v, pos)
+            slot = self.len if self.len < self.sinks else self.sinks + (self.len - self.sinks) % self.ring
+            self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, 0], v[:, :, 0], self.len
             keys, values, key_pos = self.k, self.v, self.slot_pos
         else:  # earlier queries of this chunk may need keys that the chunk overwrites: read, then write
             keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, nh, s+ring+T, hs)

@@ -1,8 +1,11 @@
+import warnings
+
 import pytest
 import torch
 from torch.nn import functional as F
 
-from local_attention import RollingKVCache, sliding_window_attention, window_attention_reference
+from local_attention import (RollingKVCache, flex_attention, flex_window_attention, sliding_window_attention,
+                             window_attention_reference)
 from model import GPT, GPTConfig
 from model_efficient import EfficientGPT, EfficientGPTConfig
 
@@ -46,6 +49,16 @@ def test_blocked_attention_equals_band_masked_reference_forward_and_backward(T, 
     slow.backward(grad)
     for a, b in zip(fast_in, slow_in):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.skipif(flex_attention is None, reason='this torch has no FlexAttention')
+def test_flex_attention_path_equals_band_masked_reference():
+    # the CUDA path, run here in eager mode (slow, but the same mask)
+    q, k, v = qkv(70)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # eager FlexAttention warns that it is meant to be compiled
+        fast = flex_window_attention(q, k, v, 8, 2)
+    torch.testing.assert_close(fast, window_attention_reference(q, k, v, 8, 2))
 
 
 def test_band_reference_sees_exactly_the_window():
