@@ -75,8 +75,8 @@ def sliding_window_attention(q, k, v, window, sinks=0, dropout_p=0.0):
 
 
 def flex_window_attention(q, k, v, window, sinks=0):
-    """CUDA path: FlexAttention skips the blocks outside the band (fast under torch.compile).
-    Not exercised by the CPU tests; it computes the same mask as window_mask."""
+    """CUDA path: FlexAttention skips the blocks outside the band (fast under torch.compile). The same
+    mask as window_mask; the CPU tests run it in eager mode against the band reference."""
     def keep(b, h, qi, ki):
         return (ki <= qi) & ((qi - ki < window) | (ki < sinks))
     T = q.size(2)

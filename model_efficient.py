@@ -20,7 +20,7 @@ class EfficientGPTConfig(GPTConfig):
     # it (t-w+1 .. t); O(T·w) training and a rolling KV cache of w entries at decode
     enable_local_attention: bool = False
     local_attention_window: int = 128  # w
-    local_layers: str = 'all'  # which layers are local (expand_layers pattern: 'all', 'every:N', '0,2'...); the rest full
+    global_layers: str = 'none'  # layers that keep full attention (expand_layers: 'none', 'every:N', '0,5'); the rest local
     attention_sinks: int = 0  # the first s positions stay visible to every local query (StreamingLLM); 0: none
     # positions: 'learned' (nanoGPT's wpe table, block_size positions) or 'rope' (rotary q, k; no wpe). With rope
     # and every layer local, generation continues past block_size at constant memory
@@ -42,9 +42,9 @@ class EfficientGPTConfig(GPTConfig):
         if self.attention_sinks < 0:
             raise ValueError(f"attention_sinks must be >= 0, not {self.attention_sinks}")
         if self.enable_local_attention:
-            expand_layers(self.local_layers, self.n_layer)  # raises on a bad pattern
-        elif self.attention_sinks or self.local_layers != 'all' or self.local_attention_window != 128:
-            raise ValueError("local_attention_window, local_layers and attention_sinks need enable_local_attention=True")
+            expand_layers(self.global_layers, self.n_layer)  # raises on a bad pattern
+        elif self.attention_sinks or self.global_layers != 'none' or self.local_attention_window != 128:
+            raise ValueError("local_attention_window, global_layers and attention_sinks need enable_local_attention=True")
 
 
 def expand_layers(pattern, n_layer):
@@ -81,9 +81,9 @@ class LayerPlan:
     @classmethod
     def from_config(cls, config):
         L = config.n_layer
-        local = expand_layers(config.local_layers, L) if config.enable_local_attention else (False,) * L
+        full = expand_layers(config.global_layers, L) if config.enable_local_attention else (True,) * L
         positions = '_rope' if config.pos_emb == 'rope' else ''
-        attn = tuple(('local' if is_local else 'full') + positions for is_local in local)
+        attn = tuple(('full' if is_full else 'local') + positions for is_full in full)
         return cls(attn=attn, ffn=('dense',) * L)
 
 

@@ -8,5 +8,5 @@ out_dir = 'out-bench-local'
 model_type = 'efficient'
 enable_local_attention = True
 local_attention_window = 64  # w: each query sees itself and the 63 characters before it
-local_layers = 'all'
+global_layers = 'none'  # no layer keeps full attention
 pos_emb = 'rope'

@@ -15,9 +15,9 @@ def make(tiny_args, seed=0, **keys):
     return EfficientGPT(EfficientGPTConfig(**tiny_args, **keys)).eval()
 
 
-def local(window=8, sinks=0, pos_emb='rope', layers='all'):
+def local(window=8, sinks=0, pos_emb='rope', global_layers='none'):
     return dict(enable_local_attention=True, local_attention_window=window, attention_sinks=sinks,
-                pos_emb=pos_emb, local_layers=layers)
+                pos_emb=pos_emb, global_layers=global_layers)
 
 
 def qkv(T, seed=0, requires_grad=False):
@@ -101,7 +101,7 @@ def test_prefill_longer_than_window_then_decode(tiny_args):
 
 
 def test_learned_positions_crop_at_block_size_like_the_baseline(tiny_args):
-    model = make(tiny_args, **local(window=6, pos_emb='learned', layers='0'))
+    model = make(tiny_args, **local(window=6, pos_emb='learned', global_layers='1'))
     assert not model.streams and model.plan.attn == ('local', 'full')
     idx = torch.randint(0, 50, (1, 4))
     cache = model.new_cache(1)
@@ -113,7 +113,7 @@ def test_learned_positions_crop_at_block_size_like_the_baseline(tiny_args):
 
 
 def test_rope_with_a_full_layer_does_not_stream(tiny_args):
-    model = make(tiny_args, **local(window=6, layers='0'))
+    model = make(tiny_args, **local(window=6, global_layers='1'))
     assert model.plan.attn == ('local_rope', 'full_rope') and not model.streams
     out = model.generate(torch.tensor([[1]]), 40, temperature=0)
     assert torch.equal(out, model.generate(torch.tensor([[1]]), 40, temperature=0, use_cache=False))
@@ -164,7 +164,7 @@ def test_rolling_cache_holds_sinks_and_last_window():
 
 
 @pytest.mark.parametrize('keys', [local(window=4), local(window=4, sinks=2), local(window=4, pos_emb='learned'),
-                                  local(window=4, layers='0'), dict(pos_emb='rope')])
+                                  local(window=4, global_layers='1'), dict(pos_emb='rope')])
 def test_causality_perturbation_and_gradient(tiny_args, keys):
     model = make(tiny_args, **keys)
     x = torch.randint(0, 50, (1, 30))
@@ -217,7 +217,7 @@ def test_rope_drops_position_table_and_weights_round_trip(tiny_args):
     (dict(pos_emb='alibi'), 'pos_emb'),
     (dict(enable_local_attention=True, local_attention_window=0), 'local_attention_window'),
     (dict(enable_local_attention=True, attention_sinks=-1), 'attention_sinks'),
-    (dict(enable_local_attention=True, local_layers='7'), 'layer pattern'),
+    (dict(enable_local_attention=True, global_layers='7'), 'layer pattern'),
     (dict(attention_sinks=2), 'enable_local_attention'),
     (dict(pos_emb='rope', n_head=32), 'even head size'),
 ])
