@@ -1,0 +1,236 @@
+"""
+Speed, compute and memory of a model, measured as BENCHMARKS.md describes: a table on stdout and,
+with --json=PATH, every figure with the settings that produced it.
+$ python bench.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --vocab_size=65   # random weights
+$ python bench.py --ckpt=out-shakespeare-char/ckpt.pt --val_data=data/shakespeare_char --json=bench.json
+Every row of the report is one function in ROWS; a timed row hands its two paths to time_pair.
+"""
+
+import json
+import os
+import pickle
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, fields
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import configure_or_exit
+from evaluate import bits, evaluate_loss, fixed_windows
+from model import GPT, GPTConfig
+from sample import REPO, autocast, fail, pick_device, pick_dtype
+from tokenizer import ensure_prepared
+
+# the model measured without --ckpt: random weights, shakespeare_char's size unless overridden
+MODEL_ARGS = {**{f.name: f.default for f in fields(GPTConfig)},
+              **dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False)}
+DEFAULTS = dict(
+    ckpt='',  # a checkpoint to measure; empty: a GPT with random weights from the model args below
+    data_root=os.path.join(REPO, 'data'),  # where a nanoGPT checkpoint's data/<dataset>/meta.pkl is
+    **MODEL_ARGS,
+    new_tokens=250,  # N new tokens per decode run: the one-token prompt + N stay inside block_size 256
+    runs=5,  # timed runs of each path, alternating A B A B, after a warm-up
+    batch=16,  # batch of the batched decode and prefill rows
+    rows='all',  # comma list of the ROWS to run
+    device='auto',  # auto: cuda, then mps, then cpu
+    dtype='auto',  # auto: bfloat16 autocast on a GPU that supports it, else float32
+    compile=False,
+    threads=0,  # torch threads; 0 keeps torch's default
+    seed=1337,  # random weights, prompts and prefill tokens
+    val_data='',  # a dataset folder: adds the deterministic validation loss of its val.bin
+    val_windows=0,  # score only the first val_windows fixed windows; 0: all of them
+    json='',  # write every figure and the settings to this path
+)
+
+
+def stats(xs):
+    return dict(median=statistics.median(xs), min=min(xs), max=max(xs), runs=xs)
+
+
+def time_pair(fn_a, fn_b, runs, work, sync):
+    """The timing protocol of every speed row. One untimed warm-up call of each function, then `runs`
+    timed calls of each alternating A B A B, so that a noisy neighbour slows both alike. work is
+    what one call does (e.g. tokens); sync waits for the device. Returns the warm-up outputs (for
+    parity checks) and the stats (median, min, max) of work/s for A and B and of the per-pair A/B."""
+    out_a, out_b = fn_a(), fn_b()
+    sync()
+    rate_a, rate_b = [], []
+    for _ in range(runs):
+        for fn, rates in ((fn_a, rate_a), (fn_b, rate_b)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            rates.append(work / (time.perf_counter() - t0))
+    ratios = [a / b for a, b in zip(rate_a, rate_b)]
+    return out_a, out_b, dict(a=stats(rate_a), b=stats(rate_b), ratio=stats(ratios))
+
+
+def decode_pair(b, prompt, n):
+    """Greedy decode of n tokens after prompt (B, T): model.generate's cached path vs its reference path."""
+    def gen(use_cache):
+        return lambda: b.model.generate(prompt, n, temperature=0, use_cache=use_cache)
+    cached, reference, t = time_pair(gen(True), gen(False), b.runs, prompt.size(0) * n, b.sync)
+    return dict(batch=prompt.size(0), prompt_tokens=prompt.size(1), new_tokens=n, cached_tok_s=t['a'],
+                reference_tok_s=t['b'], ratio=t['ratio'], identical_tokens=torch.equal(cached, reference))
+
+
+def prefill_pair(b, x):
+    """One forward over x (B, T): into a fresh KV cache (the cached path) vs without one (reference)."""
+    m = b.model
+    _, _, t = time_pair(lambda: m(x, cache=m.new_cache(x.size(0))), lambda: m(x), b.runs, x.numel(), b.sync)
+    return dict(batch=x.size(0), tokens=x.size(1), cached_tok_s=t['a'], reference_tok_s=t['b'], ratio=t['ratio'])
+
+
+def decode(b):
+    """decode, batch 1, cached / reference"""
+    return decode_pair(b, b.prompt[:1], b.new_tokens)
+
+
+def decode_batch(b):
+    """decode, batched, cached / reference"""
+    return decode_pair(b, b.prompt, b.new_tokens)
+
+
+def past_block(b):
+    """decode past block_size (2 * block_size tokens), batch 1, cached / reference"""
+    # past block_size both paths recompute the cropped context every step; the cached one must still agree
+    return decode_pair(b, b.prompt[:1], 2 * b.model.config.block_size)
+
+
+def prefill(b):
+    """prefill, batch 1, one forward over block_size tokens, cached / reference"""
+    return prefill_pair(b, b.prefill_x[:1])
+
+
+def prefill_batch(b):
+    """prefill, batched, one forward over block_size tokens, cached / reference"""
+    return prefill_pair(b, b.prefill_x)
+
+
+def dense_flops_per_token(model, ctx):
+    """Forward FLOPs of one token that attends to ctx positions in the dense model:
+    2 * N + 2 * 2 * n_layer * n_embd * ctx, where N = get_num_params() (every weight but the position
+    table; the token table counts once, as the LM head it is tied to) and 2 FLOPs per multiply-add;
+    the attention term is q.k over ctx keys plus att.v over ctx values, n_embd multiply-adds each."""
+    c = model.config
+    return 2 * model.get_num_params() + 2 * 2 * c.n_layer * c.n_embd * ctx
+
+
+def compute(b):
+    """compute per generated token and KV cache, batch 1"""
+    m, n = b.model, b.new_tokens
+    cache, idx = m.new_cache(1), b.prompt[:1]
+    for _ in range(n):  # generate's cached greedy loop, keeping the cache to weigh it
+        idx = torch.cat((idx, m.next_logits(idx, cache).argmax(dim=-1, keepdim=True)), dim=1)
+    ctx = (n + 1) / 2  # decoding N tokens feeds positions 0 .. N-1, which attend to 1 .. N positions
+    return dict(new_tokens=n, mean_ctx=ctx, dense_flops_per_token=dense_flops_per_token(m, ctx),
+                dense_flops_per_token_full_block=dense_flops_per_token(m, m.config.block_size),
+                kv_cache_positions=cache[0].len, kv_cache_bytes=sum(c.nbytes for c in cache))
+
+
+def val_loss(b):
+    """validation loss over fixed windows"""
+    if not b.val_data:
+        return None
+    ensure_prepared(b.val_data, ('val.bin',))
+    data = np.memmap(os.path.join(b.val_data, 'val.bin'), dtype=np.uint16, mode='r')
+    T, V, windows = b.model.config.block_size, b.model.config.vocab_size, b.val_windows or None
+    if int(data.max()) >= V:
+        fail(f"{b.val_data}/val.bin holds token {int(data.max())}, past the model's vocab_size {V}")
+    loss = evaluate_loss(b.model, data, T, b.batch, windows, b.device)  # runs inside main's autocast
+    return dict(val_data=b.val_data, windows=len(fixed_windows(data, T, windows)), block_size=T,
+                val_loss=loss, val_bits=bits(loss))
+
+
+def memory(b):
+    """peak memory of the process (after every row above)"""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = dict(peak_rss_bytes=rss * (1 if sys.platform == 'darwin' else 1024))
+    if b.device.startswith('cuda'):
+        peak['cuda_max_allocated_bytes'] = torch.cuda.max_memory_allocated()
+    return peak
+
+
+# name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
+# the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
+ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
+                                memory)}
+
+
+def fmt(key, v):
+    if isinstance(v, dict):  # stats of timed runs
+        return f"{fmt(key, v['median'])}  ({fmt(key, v['min'])} - {fmt(key, v['max'])})"
+    if isinstance(v, bool):
+        return 'yes' if v else ('NO' if key == 'identical_tokens' else 'no')  # a parity failure should stand out
+    if key.endswith('_bytes'):
+        return f"{v / 2**20:.2f} MiB"
+    if 'flops' in key:
+        return f"{v / 1e6:.2f} MFLOP"
+    if isinstance(v, float):
+        return (f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}") + ('x' if key == 'ratio' else '')
+    return f"{v:,}" if key.startswith('params') else str(v)
+
+
+def load_model(config):
+    if not config['ckpt']:
+        return GPT(GPTConfig(**{k: config[k] for k in MODEL_ARGS}))
+    try:
+        model, _ = model_from_checkpoint(load_checkpoint(config['ckpt']), config['data_root'])
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+        fail(e)
+    return model
+
+
+def main():
+    config = configure_or_exit(DEFAULTS, sys.argv[1:], __doc__)
+    rows = list(ROWS) if config['rows'] == 'all' else config['rows'].split(',')
+    if unknown := [r for r in rows if r not in ROWS]:
+        fail(f"unknown rows {', '.join(unknown)}; known: {', '.join(ROWS)}")
+    if config['threads']:
+        torch.set_num_threads(config['threads'])
+    device = pick_device(config['device'])
+    dtype = pick_dtype(config['dtype'], device)
+    torch.manual_seed(config['seed'])
+    model = load_model(config).eval().to(device)
+    if config['compile']:
+        model.compile()  # compiles model(...), which both generation paths call
+    V, T = model.config.vocab_size, model.config.block_size
+    g = torch.Generator().manual_seed(config['seed'])
+    b = SimpleNamespace(
+        model=model, device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],
+        val_data=config['val_data'], val_windows=config['val_windows'],
+        prompt=torch.randint(V, (config['batch'], 1), generator=g).to(device),  # one-token prompts (B, 1)
+        prefill_x=torch.randint(V, (config['batch'], T), generator=g).to(device),  # (B, block_size)
+        sync={'cuda': torch.cuda.synchronize, 'mps': torch.mps.synchronize}.get(device.split(':')[0], lambda: None),
+    )
+    setup = dict(command=' '.join(['python bench.py', *sys.argv[1:]]), model=config['ckpt'] or 'random weights',
+                 model_type=type(model).__name__, params=model.get_num_params(non_embedding=False),
+                 params_non_embedding=model.get_num_params(), device=device, dtype=dtype,
+                 threads=torch.get_num_threads(), torch=torch.__version__, compile=config['compile'],
+                 block_size=T, new_tokens=config['new_tokens'], batch=config['batch'], runs=config['runs'],
+                 seed=config['seed'], prompt=b.prompt[:, 0].tolist())
+    for k, v in setup.items():
+        print(f"{k + ':':24} {fmt(k, v)}")
+    results = {}
+    with torch.no_grad(), autocast(device, dtype):
+        for name in rows:
+            figures = ROWS[name](b)
+            if figures is None:
+                continue
+            results[name] = figures
+            print(f"\n{name}: {ROWS[name].__doc__}")
+            for k, v in figures.items():
+                print(f"  {k:32} {fmt(k, v)}", flush=True)
+    if config['json']:
+        with open(config['json'], 'w') as f:
+            json.dump(dict(settings=config, setup=setup, model_args=asdict(model.config), rows=results), f, indent=1)
+        print(f"\nwrote {config['json']}")
+
+
+if __name__ == '__main__':
+    main()
