@@ -13,7 +13,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +22,9 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit
 from evaluate import bits, evaluate_loss, fixed_windows
-from model import GPT, GPTConfig
+from local_attention import LocalSelfAttention
+from model import GPT, CausalSelfAttention, GPTConfig
+from model_efficient import EfficientGPT, EfficientGPTConfig
 from sample import REPO, autocast, fail, pick_device, pick_dtype
 from tokenizer import ensure_prepared
 
@@ -45,6 +47,10 @@ DEFAULTS = dict(
     val_data='',  # a dataset folder: adds the deterministic validation loss of its val.bin
     val_windows=0,  # score only the first val_windows fixed windows; 0: all of them
     json='',  # write every figure and the settings to this path
+    long_T='1024,2048,4096',  # local attention: sequence lengths of the training-step row
+    long_window=128,  # local attention: window of the training-step row
+    long_tokens=16384,  # local attention: tokens of the long decode row (rolling vs full cache)
+    stream_tokens=100000,  # local attention: tokens of the streaming row (rolling cache, past block_size)
 )
 
 
@@ -156,10 +162,129 @@ def memory(b):
     return peak
 
 
+# local attention (issue 5): long-context rows; they run for a model with local attention and skip otherwise
+def full_attention(model, **changes):
+    """model's twin with every layer full attention (and `changes`), holding model's weights: rotary
+    positions have no table, so the state dicts match at any block_size."""
+    local_keys = ('enable_local_attention', 'local_attention_window', 'global_layers', 'attention_sinks')
+    off = {f.name: f.default for f in fields(EfficientGPTConfig) if f.name in local_keys}
+    twin = EfficientGPT(replace(model.config, **off, **changes)).to(model.lm_head.weight.device).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def train_step(module, x, targets=None):
+    """forward + backward of module on x: the model's loss, or a layer's output against a fixed gradient"""
+    def step():
+        module.zero_grad(set_to_none=True)
+        y = module(x, targets)[1] if targets is not None else module(x)
+        y.backward() if targets is not None else y.backward(torch.ones_like(y))
+    return step
+
+
+def local_train_step(b):
+    """training step (forward + backward), batch 1, local (window long_window) vs full attention at each
+    T of long_T: one attention layer (learned positions), then the whole model (rotary), random weights"""
+    c = b.model.config
+    if not getattr(c, 'enable_local_attention', False):
+        return None
+    figures = dict(window=b.long_window)
+    with torch.enable_grad():
+        for T in (int(t) for t in b.long_T.split(',')):
+            cfg = replace(c, block_size=T, local_attention_window=b.long_window, pos_emb='rope', global_layers='none',
+                          attention_sinks=0, dropout=0.0)
+            layer = CausalSelfAttention(cfg).to(b.device)
+            local = LocalSelfAttention(cfg, rope=False).to(b.device)
+            local.load_state_dict(layer.state_dict())
+            x = torch.randn(1, T, c.n_embd, device=b.device, requires_grad=True)
+            _, _, t = time_pair(train_step(local, x), train_step(layer, x), b.runs, T, b.sync)
+            figures.update({f'layer_T{T}_local_tok_s': t['a'], f'layer_T{T}_full_tok_s': t['b'],
+                            f'layer_T{T}_ratio': t['ratio']})
+            model = EfficientGPT(cfg).to(b.device).train()
+            idx = torch.randint(c.vocab_size, (1, T), device=b.device)
+            _, _, t = time_pair(train_step(model, idx, idx), train_step(full_attention(model).train(), idx, idx),
+                                b.runs, T, b.sync)
+            figures.update({f'model_T{T}_local_tok_s': t['a'], f'model_T{T}_full_tok_s': t['b'],
+                            f'model_T{T}_ratio': t['ratio']})
+    return figures
+
+
+def stream(model, cache, tok, n):
+    """n greedy tokens after tok (B, 1), fed one at a time into cache; returns the last. Only the newest
+    token enters the model, so the loop's own cost does not grow with the context (generate's idx does)."""
+    for _ in range(n):
+        logits, _ = model(tok, cache=cache)
+        tok = logits[:, -1].argmax(dim=-1, keepdim=True)
+    return tok
+
+
+def timed_stream(model, cache, tok, n, sync):
+    """stream() timed two ways: wall-clock tok/s, and tok/s of this process's CPU time, which neighbours
+    on a shared machine disturb far less (so it shows whether the work per token grows)"""
+    wall, cpu = time.perf_counter(), time.process_time()
+    tok = stream(model, cache, tok, n)
+    sync()
+    return tok, n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+
+
+def rss_bytes():
+    """resident memory of the process now (Linux; None elsewhere)"""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except OSError:
+        return None
+
+
+def local_decode(b):
+    """decode tok/s, batch 1, over the first and the last 1k of long_tokens generated tokens: the rolling
+    cache vs the same weights with full attention and a full cache (block_size long_tokens), alternating
+    A B A B over 1k-token windows"""
+    if not getattr(b.model, 'streams', False):
+        return None
+    n, window = b.long_tokens, 1024
+    full = full_attention(b.model, block_size=n + 1)
+    models, caches, toks = (b.model, full), (b.model.new_cache(1), full.new_cache(1)), [b.prompt[:1]] * 2
+    wall, cpu = ([], []), ([], [])
+    for _ in range(n // window):
+        for i in (0, 1):
+            toks[i], rate, cpu_rate = timed_stream(models[i], caches[i], toks[i], window, b.sync)
+            wall[i].append(rate)
+            cpu[i].append(cpu_rate)
+    return dict(new_tokens=n, rolling_tok_s_first_1k=wall[0][0], full_tok_s_first_1k=wall[1][0],
+                rolling_tok_s_last_1k=wall[0][-1], full_tok_s_last_1k=wall[1][-1],
+                ratio_last_1k=wall[0][-1] / wall[1][-1],
+                rolling_cpu_tok_s_first_1k=cpu[0][0], full_cpu_tok_s_first_1k=cpu[1][0],
+                rolling_cpu_tok_s_last_1k=cpu[0][-1], full_cpu_tok_s_last_1k=cpu[1][-1],
+                rolling_kv_cache_bytes=sum(c.nbytes for c in caches[0]),
+                full_kv_cache_bytes=sum(c.nbytes for c in caches[1]))
+
+
+def local_stream(b):
+    """streaming generation past block_size, batch 1, rolling cache: KV-cache bytes, resident memory and
+    tok/s (wall and CPU time, over the preceding 1k tokens) at 1k, 10k, ... stream_tokens generated tokens"""
+    if not getattr(b.model, 'streams', False):
+        return None
+    cache, tok, window, mark = b.model.new_cache(1), b.prompt[:1], 1000, 1000
+    figures, wall, cpu = dict(new_tokens=b.stream_tokens, block_size=b.model.config.block_size), [], []
+    for done in range(window, b.stream_tokens + 1, window):
+        tok, rate, cpu_rate = timed_stream(b.model, cache, tok, window, b.sync)
+        wall.append(rate)
+        cpu.append(cpu_rate)
+        if done == mark or done == b.stream_tokens:
+            figures.update({f'at_{done}_kv_cache_bytes': sum(c.nbytes for c in cache),
+                            f'at_{done}_rss_bytes': rss_bytes(), f'at_{done}_tok_s': rate,
+                            f'at_{done}_cpu_tok_s': cpu_rate})
+            mark *= 10
+    figures.update(last_over_first=wall[-1] / wall[0], cpu_last_over_first=cpu[-1] / cpu[0],
+                   tok_s_all_1k_windows=stats(wall), cpu_tok_s_all_1k_windows=stats(cpu))
+    return figures
+
+
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
-                                memory)}
+                                local_train_step, local_decode, local_stream, memory)}
 
 
 def fmt(key, v):
@@ -203,6 +328,8 @@ def main():
     g = torch.Generator().manual_seed(config['seed'])
     b = SimpleNamespace(
         model=model, device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],
+        long_T=config['long_T'], long_window=config['long_window'], long_tokens=config['long_tokens'],
+        stream_tokens=config['stream_tokens'],
         val_data=config['val_data'], val_windows=config['val_windows'],
         prompt=torch.randint(V, (config['batch'], 1), generator=g).to(device),  # one-token prompts (B, 1)
         prefill_x=torch.randint(V, (config['batch'], T), generator=g).to(device),  # (B, block_size)

@@ -169,7 +169,7 @@ class RollingKVCache:
         self.len = 0  # absolute positions seen (rotary positions continue from here)
 
     def write(self, k, v, pos):
-        # several positions at once; of a prefill longer than the ring only the sinks and the last `ring` positions are kept
+        # several positions at once; of a prefill longer than the ring only the sinks and the last `ring` stay
         keep = (pos < self.sinks) | (pos > pos[-1] - self.ring)  # (T,)
         pos = pos[keep]
         slots = torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.ring)

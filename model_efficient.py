@@ -20,7 +20,7 @@ class EfficientGPTConfig(GPTConfig):
     # it (t-w+1 .. t); O(T·w) training and a rolling KV cache of w entries at decode
     enable_local_attention: bool = False
     local_attention_window: int = 128  # w
-    global_layers: str = 'none'  # layers that keep full attention (expand_layers: 'none', 'every:N', '0,5'); the rest local
+    global_layers: str = 'none'  # layers kept full attention, an expand_layers pattern ('every:3', '0,5'); rest local
     attention_sinks: int = 0  # the first s positions stay visible to every local query (StreamingLLM); 0: none
     # positions: 'learned' (nanoGPT's wpe table, block_size positions) or 'rope' (rotary q, k; no wpe). With rope
     # and every layer local, generation continues past block_size at constant memory
@@ -34,7 +34,8 @@ class EfficientGPTConfig(GPTConfig):
         if self.pos_emb not in ('learned', 'rope'):
             raise ValueError(f"pos_emb must be 'learned' or 'rope', not {self.pos_emb!r}")
         if self.pos_emb == 'rope' and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"pos_emb='rope' needs an even head size, not n_embd/n_head = {self.n_embd // self.n_head}")
+            raise ValueError(f"pos_emb='rope' needs an even head size, not n_embd/n_head = "
+                             f"{self.n_embd // self.n_head}")
         if self.rope_base <= 0:
             raise ValueError(f"rope_base must be > 0, not {self.rope_base}")
         if self.local_attention_window < 1:
@@ -44,7 +45,8 @@ class EfficientGPTConfig(GPTConfig):
         if self.enable_local_attention:
             expand_layers(self.global_layers, self.n_layer)  # raises on a bad pattern
         elif self.attention_sinks or self.global_layers != 'none' or self.local_attention_window != 128:
-            raise ValueError("local_attention_window, global_layers and attention_sinks need enable_local_attention=True")
+            raise ValueError("local_attention_window, global_layers and attention_sinks need "
+                             "enable_local_attention=True")
 
 
 def expand_layers(pattern, n_layer):

@@ -1,4 +1,5 @@
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -224,3 +225,15 @@ def test_rope_drops_position_table_and_weights_round_trip(tiny_args):
 def test_config_rejects_bad_values(tiny_args, keys, message):
     with pytest.raises(ValueError, match=message):
         EfficientGPTConfig(**{**tiny_args, **keys})
+
+
+def test_bench_rows_run_and_the_rolling_cache_stays_flat(tiny_args):
+    import bench
+    model = make(tiny_args, **local(window=4))
+    b = SimpleNamespace(model=model, device='cpu', runs=1, sync=lambda: None, prompt=torch.tensor([[1]]),
+                        long_T='16,24', long_window=4, stream_tokens=2000)
+    steps = bench.local_train_step(b)
+    assert steps['layer_T24_ratio']['median'] > 0 and steps['model_T16_ratio']['median'] > 0
+    stream = bench.local_stream(b)
+    assert stream['at_1000_kv_cache_bytes'] == stream['at_2000_kv_cache_bytes'] == 2 * 4 * 2 * 32 * 4
+    assert bench.local_stream(SimpleNamespace(model=make(tiny_args))) is None  # not a streaming model

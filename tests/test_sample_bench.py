@@ -122,7 +122,7 @@ def test_bench_tiny_random_model_json(tmp_path):
     report = json.loads((tmp_path / 'bench.json').read_text())
     for key in ('device', 'dtype', 'threads', 'torch', 'compile', 'params', 'block_size', 'new_tokens', 'batch'):
         assert key in report['setup'], key
-    assert list(report['rows']) == list(ROWS)
+    assert set(report['rows']) <= set(ROWS)  # rows of mechanisms the model lacks return None and are left out
     for row in ('decode', 'decode_batch', 'past_block'):
         figures = report['rows'][row]
         assert figures['identical_tokens'] is True
