@@ -115,12 +115,12 @@ class RotarySelfAttention(CausalSelfAttention):
 
     def __init__(self, config):
         super().__init__(config)
-        self.rotary = Rotary(config.n_embd // config.n_head, config.rope_base)
+        self.rotate = Rotary(config.n_embd // config.n_head, config.rope_base)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
         q, k, v = map(self.heads, self.c_attn(x).split(self.n_embd, dim=2))  # (B, nh, T, hs)
-        q, k = self.rotary(q, k, cache.len if cache is not None else 0)
+        q, k = self.rotate(q, k, cache.len if cache is not None else 0)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nh, S, hs)
         y = attend(q, k, v, self.attn_dropout if self.training else 0.0)
@@ -147,7 +147,7 @@ class LocalSelfAttention(CausalSelfAttention):
             y = sliding_window_attention(q, k, v, self.window, self.sinks, dropout_p)
         else:
             q, k = self.rotate(q, k, cache.len)  # cache.len: absolute positions seen so far
-            k, v, mask = cache.update(k, v)  # (B, nh, S, hs), (T, S) with S <= s + w (+ T while prefilling)
+            k, v, mask = cache.update(k, v)  # (B, nh, S, hs), (T, S): S = the cache's slots (+ T when T > 1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
