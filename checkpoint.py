@@ -37,7 +37,8 @@ def load_checkpoint(path, map_location='cpu'):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line})") from e
     missing = [k for k in ('model', 'model_args') if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not an EfficientGPT or nanoGPT checkpoint: it has no {', '.join(missing)}")
