@@ -21,7 +21,8 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit
-from evaluate import bits, evaluate_loss, fixed_windows
+from early_exit import CRITERIA, EarlyExitDecoder, exit_logits
+from evaluate import bits, decode_consistent_loss, evaluate_loss, fixed_windows
 from local_attention import LocalSelfAttention
 from model import GPT, CausalSelfAttention, GPTConfig
 from model_efficient import EfficientGPT, EfficientGPTConfig
@@ -47,6 +48,11 @@ DEFAULTS = dict(
     val_data='',  # a dataset folder: adds the deterministic validation loss of its val.bin
     val_windows=0,  # score only the first val_windows fixed windows; 0: all of them
     json='',  # write every figure and the settings to this path
+    # early exit rows (an early-exit checkpoint in --ckpt): compared with this cached baseline in the same run
+    baseline='',  # checkpoint of the baseline (e.g. out-bench-baseline/ckpt.pt); empty: early exit rows are skipped
+    exit_sweep='max_prob:0.8,0.5,0.3;margin:0.6,0.3,0.1;saturation:0.995,0.99,0.98;learned:0.9,0.8,0.6',  # criterion:thresholds;...
+    exit_windows=8,  # decode-consistent val loss over the first exit_windows fixed windows of val.bin
+    spec_sweep='1:4,2:4,2:6,3:6',  # self-speculative settings, spec_exit_layer:spec_draft_tokens,...
     long_T='1024,2048,4096',  # local attention: sequence lengths of the training-step row
     long_window=128,  # local attention: window of the training-step row
     long_tokens=16384,  # local attention: tokens of the long decode row (rolling vs full cache)
@@ -151,6 +157,103 @@ def val_loss(b):
     loss = evaluate_loss(b.model, data, T, b.batch, windows, b.device)  # runs inside main's autocast
     return dict(val_data=b.val_data, windows=len(fixed_windows(data, T, windows)), block_size=T,
                 val_loss=loss, val_bits=bits(loss))
+
+
+def val_memmap(b):
+    ensure_prepared(b.val_data, ('val.bin',))
+    return np.memmap(os.path.join(b.val_data, 'val.bin'), dtype=np.uint16, mode='r')
+
+
+def exit_full(b):
+    """early-exit model, decode='full' vs the cached baseline, batch 1"""
+    if b.baseline is None:
+        return None
+    prompt, n = b.prompt[:1], b.new_tokens
+    _, _, t = time_pair(lambda: b.model.generate(prompt, n, temperature=0),
+                        lambda: b.baseline.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+    return dict(new_tokens=n, full_tok_s=t['a'], baseline_cached_tok_s=t['b'], ratio=t['ratio'])
+
+
+def early_exit(b):
+    """early exit sweep, batch 1: tok/s vs the cached baseline, decode-consistent val loss, layers, FLOPs"""
+    if b.baseline is None or not b.val_data:
+        return None
+    m, prompt, n, T = b.model, b.prompt[:1], b.new_tokens, b.model.config.block_size
+    data = val_memmap(b)
+    base = evaluate_loss(b.baseline, data, T, b.batch, b.exit_windows, b.device)
+    out = dict(windows=b.exit_windows, tokens_scored=len(fixed_windows(data, T, b.exit_windows)) * T,
+               baseline_val_loss=base, full_val_loss=evaluate_loss(m, data, T, b.batch, b.exit_windows, b.device),
+               dense_flops_per_token=dense_flops_per_token(b.baseline, (n + 2) / 2))
+    kept = m.config.exit_criterion, m.config.exit_threshold
+    for criterion, threshold in b.exit_sweep:
+        m.config.exit_criterion, m.config.exit_threshold = criterion, threshold
+        stats = {}
+        _, _, t = time_pair(lambda: m.generate(prompt, n, temperature=0, decode='early_exit', stats=stats),
+                            lambda: b.baseline.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+        q = decode_consistent_loss(m, data, T, b.exit_windows, device=b.device)
+        out[f'{criterion}@{threshold}'] = dict(
+            tok_s=t['a']['median'], ratio=t['ratio']['median'], ratio_min=t['ratio']['min'],
+            ratio_max=t['ratio']['max'], val_loss=q['loss'], loss_delta=(q['loss'] - base) / base,
+            val_exit_layer=q['mean_exit_layer'], gen_exit_layer=stats['mean_exit_layer'],
+            flops_per_token=stats['flops_per_token'])
+    m.config.exit_criterion, m.config.exit_threshold = kept
+    return out
+
+
+def speculative(b):
+    """self-speculative decode, batch 1, greedy: tok/s vs decode='full' of the same model"""
+    if b.baseline is None:
+        return None
+    m, prompt, n = b.model, b.prompt[:1], b.new_tokens
+    out = {}
+    kept = m.config.spec_exit_layer, m.config.spec_draft_tokens
+    for layers, tokens in b.spec_sweep:
+        m.config.spec_exit_layer, m.config.spec_draft_tokens = layers, tokens
+        stats = {}
+        spec, full, t = time_pair(lambda: m.generate(prompt, n, temperature=0, decode='speculative', stats=stats),
+                                  lambda: m.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+        out[f'draft {layers} layers x {tokens}'] = dict(
+            tok_s=t['a']['median'], full_tok_s=t['b']['median'], ratio=t['ratio']['median'],
+            ratio_min=t['ratio']['min'], ratio_max=t['ratio']['max'], identical_tokens=torch.equal(spec, full),
+            acceptance_rate=stats['acceptance_rate'], tokens_per_pass=stats['tokens_per_pass'],
+            flops_per_token=stats['flops_per_token'])
+    m.config.spec_exit_layer, m.config.spec_draft_tokens = kept
+    return out
+
+
+def exit_costs(b):
+    """early exit cost breakdown, batch 1, mid-generation (new_tokens / 2 cached positions): microseconds"""
+    if b.baseline is None:
+        return None
+    m, base, ctx = b.model, b.baseline, b.new_tokens // 2
+    dec, base_cache = EarlyExitDecoder(m, threshold=2.0), base.new_cache(1)  # threshold 2: runs every layer
+    for t in torch.randint(m.config.vocab_size, (ctx,), generator=torch.Generator().manual_seed(0)):
+        dec.step(t.view(1, 1))
+        base(t.view(1, 1), cache=base_cache)
+    x = m.embed(b.prompt[:1], ctx)  # (1, 1, C)
+
+    def us(fn, calls=200, repeats=5):
+        """Median over repeats of the mean time of one call, in microseconds; caches are rolled back."""
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+                for c in (*dec.cache, *base_cache):
+                    c.truncate(ctx)
+            b.sync()
+            times.append((time.perf_counter() - t0) / calls * 1e6)
+        return statistics.median(times)
+
+    out = dict(cached_positions=ctx, baseline_block_us=us(lambda: base.transformer.h[0](x, base_cache[0])),
+               block_us=us(lambda: m.transformer.h[0](x, dec.cache[0])), head_us=us(lambda: exit_logits(m, x)),
+               truncate_only_us=us(lambda: None))
+    for name, criterion in CRITERIA.items():  # the check after layer 0, with its one host sync
+        out[f'check_{name}_us'] = us(lambda: criterion(m, 0, x, x)[0].item())
+    for layer in (0, m.config.n_layer // 2):
+        if m.plan.exit[layer]:
+            out[f'propagate_from_layer_{layer + 1}_us'] = us(lambda: dec.propagate(x, layer))
+    return out
 
 
 def memory(b):
@@ -284,10 +387,13 @@ def local_stream(b):
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
+                                exit_full, early_exit, speculative, exit_costs,
                                 local_train_step, local_decode, local_stream, memory)}
 
 
 def fmt(key, v):
+    if isinstance(v, dict) and 'median' not in v:  # one setting of a sweep: its figures on one line
+        return ', '.join(f"{k} {fmt(k, x)}" for k, x in v.items())
     if isinstance(v, dict):  # stats of timed runs
         return f"{fmt(key, v['median'])}  ({fmt(key, v['min'])} - {fmt(key, v['max'])})"
     if isinstance(v, bool):
@@ -297,7 +403,7 @@ def fmt(key, v):
     if 'flops' in key:
         return f"{v / 1e6:.2f} MFLOP"
     if isinstance(v, float):
-        return (f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}") + ('x' if key == 'ratio' else '')
+        return (f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}") + ('x' if key.startswith('ratio') else '')
     return f"{v:,}" if key.startswith('params') else str(v)
 
 
@@ -325,12 +431,18 @@ def main():
     if config['compile']:
         model.compile()  # compiles model(...), which both generation paths call
     V, T = model.config.vocab_size, model.config.block_size
+    early_exit_model = getattr(model.config, 'enable_early_exit', False)
+    baseline = load_model({**config, 'ckpt': config['baseline']}).eval().to(device) if config['baseline'] else None
     g = torch.Generator().manual_seed(config['seed'])
     b = SimpleNamespace(
         model=model, device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],
         long_T=config['long_T'], long_window=config['long_window'], long_tokens=config['long_tokens'],
         stream_tokens=config['stream_tokens'],
         val_data=config['val_data'], val_windows=config['val_windows'],
+        baseline=baseline if early_exit_model else None, exit_windows=config['exit_windows'],
+        exit_sweep=[(c, float(t)) for part in config['exit_sweep'].split(';') for c, ts in [part.split(':')]
+                    for t in ts.split(',')],
+        spec_sweep=[tuple(map(int, s.split(':'))) for s in config['spec_sweep'].split(',')],
         prompt=torch.randint(V, (config['batch'], 1), generator=g).to(device),  # one-token prompts (B, 1)
         prefill_x=torch.randint(V, (config['batch'], T), generator=g).to(device),  # (B, block_size)
         sync={'cuda': torch.cuda.synchronize, 'mps': torch.mps.synchronize}.get(device.split(':')[0], lambda: None),

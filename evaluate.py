@@ -9,6 +9,9 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch.nn import functional as F
+
+from early_exit import EarlyExitDecoder
 
 
 def fixed_windows(data, block_size, max_windows=None):
@@ -41,3 +44,24 @@ def evaluate_loss(model, data, block_size, batch_size=16, max_windows=None, devi
 def bits(nats):
     """Nats per token to bits per token (bits/char for char models)."""
     return nats / math.log(2)
+
+
+@torch.no_grad()
+def decode_consistent_loss(model, data, block_size, max_windows, criterion=None, threshold=None, device='cpu'):
+    """Validation loss as the early-exit decoder produces it: each of the first max_windows fixed windows is
+    teacher-forced token by token (batch 1, fresh KV cache) through early_exit.EarlyExitDecoder, exactly
+    what generate(decode='early_exit') runs, and the distribution each step actually returned is scored.
+    criterion / threshold override the model's config. Returns the loss in nats/token, the tokens scored,
+    the mean exit layer (layers run per token) and the FLOPs executed per token."""
+    was_training = model.training
+    model.eval()
+    total, depth, flops, count = 0.0, 0, 0.0, 0
+    for s in fixed_windows(data, block_size, max_windows):
+        x = torch.from_numpy(data[s:s + block_size].astype(np.int64)).to(device)[None]  # (1, T)
+        y = torch.from_numpy(data[s + 1:s + 1 + block_size].astype(np.int64)).to(device)  # (T,)
+        dec = EarlyExitDecoder(model, criterion, threshold)
+        logits, layers = zip(*(dec.step(x[:, t:t + 1]) for t in range(block_size)))
+        total += F.cross_entropy(torch.cat(logits), y, reduction='sum').item()
+        depth, flops, count = depth + sum(layers), flops + dec.flops, count + block_size
+    model.train(was_training)
+    return dict(loss=total / count, tokens=count, mean_exit_layer=depth / count, flops_per_token=flops / count)

@@ -6,8 +6,10 @@ computes with the same weights (the parameter names are the same, so state dicts
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
+from early_exit import CRITERIA, DECODE, ExitHeads, ExitPoint, keep_output, no_losses
 from efficient_modules import ATTN, CACHE, FFN
 from model import GPT, GPTConfig, LayerNorm
 
@@ -27,8 +29,28 @@ class EfficientGPTConfig(GPTConfig):
     pos_emb: str = 'learned'
     rope_base: float = 10000.0
 
+    # early exit (CALM, LayerSkip): shallow layers answer easy tokens at decode; see early_exit.py
+    enable_early_exit: bool = False
+    exit_layers: str = 'all'  # layers that may exit (expand_layers pattern); the last layer is always the final one
+    exit_threshold: float = 0.95  # exit when the criterion's confidence >= this: HIGHER exits LESS; > 1 never exits
+    exit_criterion: str = 'max_prob'  # 'max_prob' | 'margin' (top-1 minus top-2 prob) | 'saturation' | 'learned'
+    early_exit_loss_weight: float = 0.5  # total weight of the exits' cross-entropies, shared in proportion to depth
+    layer_dropout: float = 0.0  # LayerSkip's layer dropout: skip rate of the last layer, rising linearly from 0
+    spec_exit_layer: int = 0  # self-speculative decode drafts with this many layers; 0: half of n_layer
+    spec_draft_tokens: int = 4  # tokens drafted per verification pass
+
     def __post_init__(self):
         self.check_local_attention()
+        if self.enable_early_exit:
+            if self.exit_criterion not in CRITERIA:
+                raise ValueError(f"exit_criterion {self.exit_criterion!r}: use one of {', '.join(CRITERIA)}")
+            if not any(expand_layers(self.exit_layers, self.n_layer)[:-1]):
+                raise ValueError(f"exit_layers {self.exit_layers!r} names no layer before the last: nothing could exit")
+            if self.early_exit_loss_weight < 0 or not 0 <= self.layer_dropout < 1:
+                raise ValueError("early_exit_loss_weight must be >= 0 and layer_dropout in [0, 1)")
+            if not 0 <= self.spec_exit_layer < self.n_layer or self.spec_draft_tokens < 1:
+                raise ValueError(f"spec_exit_layer must be in [0, n_layer={self.n_layer}) (0: n_layer // 2) "
+                                 f"and spec_draft_tokens >= 1")
 
     def check_local_attention(self):
         if self.pos_emb not in ('learned', 'rope'):
@@ -79,6 +101,7 @@ class LayerPlan:
     """What each layer is, read from the config once: per-layer kinds of the block's slots."""
     attn: tuple
     ffn: tuple
+    exit: tuple  # True where a token may leave the stack early (never the last layer)
 
     @classmethod
     def from_config(cls, config):
@@ -86,7 +109,8 @@ class LayerPlan:
         full = expand_layers(config.global_layers, L) if config.enable_local_attention else (True,) * L
         positions = '_rope' if config.pos_emb == 'rope' else ''
         attn = tuple(('full' if is_full else 'local') + positions for is_full in full)
-        return cls(attn=attn, ffn=('dense',) * L)
+        exits = expand_layers(config.exit_layers, L)[:-1] + (False,) if config.enable_early_exit else (False,) * L
+        return cls(attn=attn, ffn=('dense',) * L, exit=exits)
 
 
 class EfficientBlock(nn.Module):
@@ -98,11 +122,13 @@ class EfficientBlock(nn.Module):
         self.attn = ATTN[plan.attn[layer]](config, layer)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = FFN[plan.ffn[layer]](config, layer)
+        # early exit: layer dropout, and the output kept for the exit loss; passes the output through when off
+        self.exit = ExitPoint(config, layer) if config.enable_early_exit else keep_output
 
     def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        y = x + self.attn(self.ln_1(x), cache)
+        y = y + self.mlp(self.ln_2(y))
+        return self.exit(x, y, self.training)
 
 
 class EfficientGPT(GPT):
@@ -115,6 +141,10 @@ class EfficientGPT(GPT):
             self.embed = self.embed_tokens
         # with rotary positions and every layer local nothing depends on the position count: the model streams
         self.streams = all(kind == 'local_rope' for kind in self.plan.attn)
+
+        # early exit: the exit loss through the shared ln_f and lm_head, and CALM's exit classifiers
+        self.exit_heads = ExitHeads(config, self.plan) if config.enable_early_exit else None
+        self.exit_losses = self.exit_heads.losses if config.enable_early_exit else no_losses
 
     def embed_tokens(self, idx, start=0):
         """Token embeddings only (rotary positions): no position table, so no block_size limit. (B, T, C)"""
@@ -140,6 +170,26 @@ class EfficientGPT(GPT):
 
     def make_block(self, layer):
         return EfficientBlock(self.config, self.plan, layer)
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = super().forward(idx, targets, cache)
+        self.aux = self.exit_losses(self, targets, logits)  # {name: (weight, value)}
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None,
+                 decode='full', stats=None):
+        """GPT.generate with a choice of decode engine (early_exit.DECODE): 'full' runs every layer (the
+        baseline's cached path, exactly); 'early_exit' and 'speculative' (batch 1, cached) skip work.
+        stats: a dict that receives what the engine measured (exit layers, acceptance, layers run)."""
+        if decode == 'full':
+            return super().generate(idx, max_new_tokens, temperature, top_k, use_cache, generator)
+        if decode not in DECODE:
+            raise ValueError(f"decode {decode!r}: use 'full' or one of {', '.join(DECODE)}")
+        if not self.config.enable_early_exit or idx.size(0) != 1 or not use_cache:
+            raise ValueError(f"decode={decode!r} needs enable_early_exit, batch 1 and use_cache=True")
+        return DECODE[decode](self, idx, max_new_tokens, temperature, top_k, generator,
+                              {} if stats is None else stats)
 
     def aux_losses(self):
         """{name: (weight, value)} summed over the modules that produced one in the last forward."""

@@ -2,6 +2,8 @@
 Sample text from a trained model (an EfficientGPT checkpoint or one written by nanoGPT's train.py),
 printing every token as soon as it is generated.
 $ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2 --max_new_tokens=200
+An early-exit checkpoint can show which characters were easy: each one coloured by the layer it exited at.
+$ python sample.py --out_dir=out-bench-early-exit --show_compute
 """
 
 import argparse
@@ -13,6 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from early_exit import stream_early_exit
 from model import sample_next
 from tokenizer import load_tokenizer
 
@@ -70,9 +73,47 @@ def stream_text(tok, token_ids):
 
 
 def show(piece):
-    """Where every piece of generated text is written. A later --show_compute replaces this with a
-    printer that colours each piece by the layer its token exited at."""
+    """Where every piece of generated text is written."""
     print(piece, end='', flush=True)
+
+
+# 256-colour ANSI codes from green (shallow: an easy token) through yellow to red (the last layer)
+EXIT_COLOURS = (46, 118, 190, 226, 220, 214, 208, 202, 196)
+
+
+def layer_mark(layer, n_layer, colour):
+    """How --show_compute marks a layer (1-based): an ANSI colour code on a terminal, else one digit."""
+    if colour:
+        return EXIT_COLOURS[round((layer - 1) * (len(EXIT_COLOURS) - 1) / max(1, n_layer - 1))]
+    return '0123456789abcdefghijklmnopqrstuvwxyz'[layer]
+
+
+def show_compute(tok, start, steps, n_layer, colour):
+    """Print the prompt, then the text of steps ((token (1, 1), layers run) pairs) marked by exit layer: on
+    a terminal each piece in its layer's colour as it arrives; elsewhere plain text, each line followed
+    by a line of layer digits under its characters (blank under the prompt)."""
+    layers, lines = [], start.split('\n')
+    marks = [' ' * len(line) for line in lines]
+    if colour:
+        show(start)
+
+    def token_ids():
+        for token, layer in steps:
+            layers.append(layer)
+            yield token.item()
+
+    for piece in stream_text(tok, token_ids()):
+        if colour:
+            print(f"\033[38;5;{layer_mark(layers[-1], n_layer, True)}m{piece}\033[0m", end='', flush=True)
+            continue
+        for i, line in enumerate(piece.split('\n')):
+            if i:
+                lines.append('')
+                marks.append('')
+            lines[-1] += line
+            marks[-1] += layer_mark(layers[-1], n_layer, False) * len(line)
+    if not colour:
+        print('\n'.join(f"{line}\n{mark}" for line, mark in zip(lines, marks)), end='')
 
 
 def fail(message):
@@ -99,6 +140,8 @@ def main():
     add('--dtype', default='auto', choices=['auto', *DTYPES],
         help="auto: bfloat16 autocast on a GPU that supports it, else float32 (default: auto)")
     add('--compile', action='store_true', help="torch.compile the model (default: off)")
+    add('--show_compute', action='store_true',
+        help="early-exit checkpoints: decode with early exit and mark each character by the layer it exited at")
     add('--data_root', default=os.path.join(REPO, 'data'),
         help="where a nanoGPT checkpoint finds <dataset>/meta.pkl (default: the repository's data/)")
     args = parser.parse_args()
@@ -123,17 +166,29 @@ def main():
         fail("--start is empty: the model needs at least one token to continue")
 
     model.eval().to(device)
+    L = model.config.n_layer
+    if args.show_compute and not getattr(model.config, 'enable_early_exit', False):
+        fail("--show_compute needs a checkpoint trained with enable_early_exit=True")
+    if args.show_compute and sys.stdout.isatty():
+        print("exit layer: " + ' '.join(f"\033[38;5;{layer_mark(l, L, True)}m{l}\033[0m" for l in range(1, L + 1)))
     if args.compile:
         model.compile()  # compiles model(...), which next_logits calls
     torch.manual_seed(args.seed)
     idx = torch.tensor([start_ids], dtype=torch.long, device=device)  # (1, T)
     with autocast(device, dtype):
         for _ in range(args.num_samples):
-            show(start)
-            tokens = stream_tokens(model, idx, args.max_new_tokens, args.temperature, args.top_k or None,
-                                   tok.vocab_size)
-            for piece in stream_text(tok, tokens):
-                show(piece)
+            if args.show_compute:
+                stats = {}
+                steps = stream_early_exit(model, idx, args.max_new_tokens, args.temperature, args.top_k or None,
+                                          None, stats, tok.vocab_size)
+                show_compute(tok, start, steps, L, sys.stdout.isatty())
+                print(f"\nmean exit layer {stats['mean_exit_layer']:.2f} of {L}", end='')
+            else:
+                show(start)
+                tokens = stream_tokens(model, idx, args.max_new_tokens, args.temperature, args.top_k or None,
+                                       tok.vocab_size)
+                for piece in stream_text(tok, tokens):
+                    show(piece)
             print('\n---------------')
 
 

@@ -111,6 +111,19 @@ def read_meta(data_dir):
         raise ValueError(f"{path} is not a nanoGPT char-level meta.pkl (a dict with 'vocab_size', 'itos', 'stoi')")
     return {'vocab_size': meta['vocab_size'], 'itos': [meta['itos'][i] for i in range(meta['vocab_size'])], 'tokenizer': 'char'}
 
+def vocabulary_difference(known, meta):
+    """How the vocabulary of data (meta) differs from a checkpoint's (known), naming the characters the
+    checkpoint has never seen: they have no embedding, so training on them is an error, never a remap."""
+    if known.get('tokenizer') != meta.get('tokenizer'):
+        return f"tokenizer {meta.get('tokenizer')!r}, the checkpoint's is {known.get('tokenizer')!r}"
+    if known.get('itos') == meta.get('itos'):
+        return "same tokens, different metadata"
+    unseen = [c for c in meta.get('itos') or [] if c not in set(known.get('itos') or [])]
+    if unseen:
+        shown = ', '.join(repr(c) for c in unseen[:20]) + (f' and {len(unseen) - 20} more' if len(unseen) > 20 else '')
+        return f"the corpus has characters outside the checkpoint's vocabulary of {len(known['itos'])}: {shown}"
+    return "the same characters numbered differently"
+
 def ensure_prepared(data_dir, files=('train.bin', 'val.bin')):
     """Make sure data_dir holds files, running data_dir/prepare.py if one of them is missing."""
     missing = [f for f in files if not os.path.exists(os.path.join(data_dir, f))]

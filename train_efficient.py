@@ -5,6 +5,8 @@ On one CPU or GPU:
 $ python train_efficient.py config/train_shakespeare_char_cpu.py
 Override any key from the command line:
 $ python train_efficient.py config/train_shakespeare_char_cpu.py --max_iters=500 --model_type=efficient
+Incremental learning, task A then task B, with EWC and replay (incremental_learning.py):
+$ python train_efficient.py config/train_incremental_char_cpu.py --fisher_batches=20 --ewc_lambda=3 --replay_buffer_size=2000 --replay_ratio=0.125
 Resume a run exactly where it stopped (Ctrl-C writes a checkpoint first):
 $ python train_efficient.py config/train_shakespeare_char_cpu.py --init_from=resume
 DDP on 4 GPUs of one node (gloo on CPU: add --device=cpu):
@@ -28,9 +30,10 @@ from tqdm import tqdm
 from checkpoint import build_model, load_checkpoint, model_checkpoint, save_checkpoint
 from configurator import configure_or_exit, print_config
 from evaluate import bits, evaluate_loss
+from incremental_learning import IncrementalLearner, task_files
 from model import GPTConfig
 from model_efficient import EfficientGPTConfig
-from tokenizer import ensure_prepared, read_meta
+from tokenizer import ensure_prepared, read_meta, vocabulary_difference
 
 # -----------------------------------------------------------------------------
 # default config values: a small character model that trains on a laptop CPU in minutes
@@ -51,6 +54,15 @@ wandb_run_name = 'run'
 dataset = 'shakespeare_char'  # a folder under data/, or a path to a folder with train.bin, val.bin, meta.json
 gradient_accumulation_steps = 1
 batch_size = 12
+# incremental learning (incremental_learning.py): tasks data_dir/{task}_train.bin, _val.bin over one vocabulary
+incremental_tasks = ''  # '' trains on train.bin; 'A,B,C': A, then B, then C; 'A+B': one stage of A and B mixed (joint)
+iters_per_task = 1000  # iterations per stage (max_iters becomes their total); the lr schedule restarts every stage
+ewc_lambda = 0.0  # EWC: adds ewc_lambda * sum F * (theta - theta*)^2 after the first stage
+ewc_gamma = 1.0  # online EWC: F <- ewc_gamma * F + F_new after each stage (1: every task counts fully)
+fisher_batches = 0  # batches for the diagonal Fisher after each stage (EWC, adaptive lr); 0: no Fisher
+replay_buffer_size = 0  # windows kept by reservoir sampling over all training windows; 0: no buffer
+replay_ratio = 0.0  # fraction of each training batch replayed from earlier tasks (round half up)
+adaptive_lr_strength = 0.0  # each parameter's update scaled by 1 / (1 + strength * F / mean F)
 # model: 'gpt' (model.py) or 'efficient' (model_efficient.py); every field of EfficientGPTConfig is a key too
 model_type = 'gpt'
 # adamw optimizer
@@ -92,6 +104,9 @@ if model_type == 'gpt':
     stray = [k for k, v in model_defaults.items() if k not in gpt_keys and config[k] != v]
     if stray:
         fail(f"{', '.join(stray)} only apply to model_type='efficient'")
+incremental_keys = ('iters_per_task', 'ewc_lambda', 'ewc_gamma', 'fisher_batches', 'replay_buffer_size', 'replay_ratio', 'adaptive_lr_strength')
+if not incremental_tasks and any(config[k] != script_defaults[k] for k in incremental_keys):
+    fail(f"{', '.join(k for k in incremental_keys if config[k] != script_defaults[k])}: these keys need incremental_tasks (e.g. incremental_tasks='A,B')")
 if init_from not in ('scratch', 'resume'):
     fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 
@@ -129,16 +144,27 @@ ctx = nullcontext() if device_type != 'cuda' or dtype == 'float32' else torch.au
 data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 if master_process:
     try:
-        ensure_prepared(data_dir)
+        ensure_prepared(data_dir, task_files(incremental_tasks) if incremental_tasks else ('train.bin', 'val.bin'))
     except FileNotFoundError as e:
         fail(e)
 if ddp:
     torch.distributed.barrier()
 meta = read_meta(data_dir) or fail(f"{data_dir} has no meta.json: prepare it with data/prepare_text.py")
 train_batches = torch.Generator().manual_seed(seed + seed_offset)  # its state is checkpointed: resume is exact
+learner = None  # the task sequence of incremental learning, or None for one dataset
+if incremental_tasks:
+    try:
+        learner = IncrementalLearner(data_dir, meta, config, device)
+    except ValueError as e:
+        fail(e)
+    max_iters = learner.max_iters
+    if master_process:
+        print(f"incremental learning: stages {incremental_tasks}, {iters_per_task} iterations each, max_iters={max_iters}")
 
 
 def get_batch(split, generator):
+    if learner is not None:  # the current task's windows
+        return learner.get_batch(split, generator)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
@@ -167,7 +193,13 @@ else:
     model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     if checkpoint['meta'] != meta:
-        fail(f"the vocabulary of {data_dir} differs from the checkpoint's: resume on the data it was trained on")
+        fail(f"the vocabulary of {data_dir} differs from the checkpoint's ({vocabulary_difference(checkpoint['meta'], meta)}): "
+             "resume on the data it was trained on; a checkpoint's tokens are never remapped")
+    if learner is not None:
+        try:
+            learner.load_state_dict(checkpoint.get('incremental'))
+        except ValueError as e:
+            fail(e)
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -223,6 +255,8 @@ def write_checkpoint(**extra):
                 best_val_loss=best_val_loss, config=config, **extra,
                 rng=dict(torch=torch.get_rng_state(), train_batches=train_batches.get_state(),
                          cuda=torch.cuda.get_rng_state_all() if device_type == 'cuda' else []))
+    if learner:
+        ckpt['incremental'] = learner.state_dict()  # EWC state, replay buffer, stage and R matrix
     save_checkpoint(ckpt, ckpt_path)
 
 
@@ -253,7 +287,7 @@ if wandb_log and master_process:
 bar = tqdm(total=max_iters, initial=iter_num, disable=not (progress and master_process), unit='it', dynamic_ncols=True)
 t0 = time.time()
 while True:
-    lr = get_lr(iter_num) if decay_lr else learning_rate
+    lr = get_lr(learner.lr_iter(iter_num) if learner else iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
@@ -282,10 +316,12 @@ while True:
         # under DDP, sync gradients only at the last micro step
         sync = not ddp or micro_step == gradient_accumulation_steps - 1
         with model.no_sync() if not sync else nullcontext():
-            X, Y = get_batch('train', train_batches)
+            X, Y = learner.train_batch(train_batches) if learner else get_batch('train', train_batches)
             with ctx:
                 logits, lm_loss = model(X, Y)
                 aux = raw_model.aux_losses()  # {name: (weight, value)}
+                if learner:
+                    aux.update(learner.aux_losses(raw_model))  # the EWC penalty
                 loss = lm_loss + sum(w * v for w, v in aux.values())
                 loss = loss / gradient_accumulation_steps
             scaler.scale(loss).backward()
@@ -299,12 +335,17 @@ while True:
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    with learner.scaled_update(raw_model) if learner else nullcontext():  # importance-adaptive learning rates
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
     iter_num += 1
     bar.update(1)
+    if learner:  # at the end of a stage (on every rank): the R row, the Fisher, the next stage
+        row = learner.after_step(raw_model, iter_num, ctx)
+        if row and master_process:
+            tqdm.write(row)
     if iter_num % log_interval == 0 and master_process:
         t1 = time.time()
         tok_s = tokens_per_iter * log_interval / (t1 - t0)
@@ -317,7 +358,11 @@ while True:
             print(f"iter {iter_num}: loss {lossf:.4f}, " + ", ".join(f"{k} {v.item():.4f}" for k, (w, v) in aux.items()))
 bar.close()
 
-if master_process and final_eval_windows != 0 and not stop_requested:
+if master_process and learner and not stop_requested:
+    print(learner.report())
+    if not eval_only:
+        write_checkpoint()
+elif master_process and final_eval_windows != 0 and not stop_requested:
     val_data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
     windows = None if final_eval_windows < 0 else final_eval_windows
     val = evaluate_loss(raw_model, val_data, block_size, max_windows=windows, device=device, ctx=ctx)

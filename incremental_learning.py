@@ -1,0 +1,306 @@
+"""
+Incremental (continual) learning: train one model on task A, then B, then C, and keep what it learned on A.
+Three mechanisms against catastrophic forgetting, each off at its neutral setting, and the metrics that show it:
+
+- EWC (Kirkpatrick 2017): after a task, a diagonal Fisher F says how much each parameter mattered to it;
+  training on later tasks adds λ·Σ F·(θ − θ*)², a spring that pulls the important parameters back to θ*.
+  Online EWC (Schwarz 2018) keeps one decayed sum of Fishers, F ← γ·F + F_new, anchored at the latest θ*.
+- Replay (Rolnick 2019, Chaudhry 2019): a buffer of earlier tasks' training windows, filled by reservoir
+  sampling over every window trained on, replaces round(replay_ratio·batch_size) windows of each batch.
+- Importance-adaptive learning rates: each parameter's update is scaled by 1/(1 + s·F/mean(F)), so the
+  parameters that mattered to earlier tasks learn more slowly (s = adaptive_lr_strength).
+- Metrics: R[i][j] = validation loss on task j after training stage i (fixed windows, evaluate.py),
+  forgetting per task and backward transfer.
+
+Tasks are data_dir/{task}_train.bin and {task}_val.bin over one vocabulary (data/continual_char). A stage is
+one task ('A,B,C': three stages) or several mixed in equal shares ('A+B': joint training, the upper bound).
+Each stage runs iters_per_task iterations with its own warm-up and cosine decay (re-warming, Ibrahim 2024).
+"""
+
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluate import evaluate_loss
+
+
+def parse_stages(spec):
+    """'A,B,C' -> [('A',), ('B',), ('C',)]; 'A+B' -> [('A', 'B')], one stage that mixes A and B."""
+    stages = [tuple(t.strip() for t in stage.split('+')) for stage in spec.split(',')]
+    if any(not t for stage in stages for t in stage):
+        raise ValueError(f"incremental_tasks={spec!r}: use task names separated by ',' (in order) or '+' (mixed), e.g. 'A,B,C'")
+    return stages
+
+
+def task_files(spec):
+    """The data files a task sequence reads, for tokenizer.ensure_prepared."""
+    tasks = dict.fromkeys(t for stage in parse_stages(spec) for t in stage)
+    return tuple(f'{t}_{split}.bin' for t in tasks for split in ('train', 'val'))
+
+
+def read_windows(data, starts, block_size):
+    """Token windows (len(starts), block_size + 1) of a 1-D uint16 array: inputs w[:, :-1], targets w[:, 1:]."""
+    return torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64))
+
+
+def split_evenly(n, k):
+    """n items in k near-equal shares, the first ones one larger: split_evenly(12, 5) = [3, 3, 2, 2, 2]."""
+    return [n // k + (i < n % k) for i in range(k)]
+
+
+def estimate_fisher(model, batches, generator):
+    """Diagonal Fisher information {name: tensor shaped like the parameter}, per token, over batches of
+    inputs x (B, T).
+
+    The true Fisher: labels ŷ are sampled from the model's own predictive distribution p_θ(·|x), not
+    taken from the data (the empirical Fisher). The true Fisher is the curvature that EWC's Laplace
+    approximation stands for; the empirical one is a different matrix that shrinks toward zero as the
+    model fits its data (Kunstner 2019, Martens 2020). Sampled labels also make the estimate cheap: each
+    token's score g_t = ∇ log p(ŷ_t | x_≤t) has mean zero over its own ŷ_t, and the ŷ_t are drawn
+    independently, so the cross terms of (Σ_t g_t)² vanish in expectation and one backward pass of the
+    summed log-likelihood of a batch estimates Σ_t E[g_t²] without bias. With data labels Σ_t g_t is the
+    loss gradient, which is near zero at a minimum, so this shortcut works only for the true Fisher."""
+    was_training = model.training
+    model.eval()  # the model's distribution without dropout
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    tokens = 0
+    for x in batches:
+        with torch.enable_grad():
+            logits = model(x, x)[0].float()  # (B, T, V); targets only make it return every position's logits
+            log_probs = F.log_softmax(logits, dim=-1)
+            y = torch.multinomial(log_probs.detach().exp().view(-1, logits.size(-1)), 1, generator=generator)  # (B*T, 1)
+            log_likelihood = log_probs.view(-1, logits.size(-1)).gather(1, y).sum()
+            grads = torch.autograd.grad(log_likelihood, list(params.values()), allow_unused=True)
+        for f, g in zip(fisher.values(), grads):
+            if g is not None:
+                f += g.float() ** 2
+        tokens += y.numel()
+    model.train(was_training)
+    return {n: f / tokens for n, f in fisher.items()}
+
+
+def ewc_penalty(model, anchor, fisher):
+    """Σ_i F_i·(θ_i − θ*_i)², a scalar tensor. No 1/2: Kirkpatrick's λ/2 is our λ, so that the training
+    loss adds λ·Σ F·(θ − θ*)² and its gradient is 2λ·F·(θ − θ*)."""
+    return sum((fisher[n] * (p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in fisher)
+
+
+class ReplayBuffer:
+    """A uniform sample of every training window offered so far, kept by reservoir sampling (Vitter's
+    algorithm R): the first `size` windows fill the buffer, the n-th after that (n counted from 1 over
+    all windows offered) replaces a random slot with probability size/n, so each window offered is in the
+    buffer with the same probability size/seen. Windows (size, T + 1) and their task ids live in tensors,
+    its random state beside them: state_dict() goes into the checkpoint."""
+
+    def __init__(self, size, window, seed):
+        self.windows = torch.zeros(size, window, dtype=torch.int64)  # (size, T + 1)
+        self.tasks = torch.full((size,), -1, dtype=torch.int64)  # task index of each slot, -1: empty
+        self.seen = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, windows, task):
+        size = len(self.windows)
+        for w in windows:
+            slot = self.seen if self.seen < size else torch.randint(self.seen + 1, (1,), generator=self.generator).item()
+            if slot < size:
+                self.windows[slot], self.tasks[slot] = w, task
+            self.seen += 1
+
+    def sample(self, n, exclude, generator):
+        """n windows (n, T + 1) drawn uniformly, with replacement, among those of tasks not in exclude
+        (the tasks being trained now); fewer (none) when the buffer holds no such window."""
+        eligible = torch.nonzero((self.tasks >= 0) & ~torch.isin(self.tasks, torch.tensor(exclude))).flatten()
+        if len(eligible) == 0:
+            return self.windows[:0]
+        return self.windows[eligible[torch.randint(len(eligible), (n,), generator=generator)]]
+
+    def state_dict(self):
+        return dict(windows=self.windows, tasks=self.tasks, seen=self.seen, rng=self.generator.get_state())
+
+    def load_state_dict(self, state):
+        self.windows, self.tasks, self.seen = state['windows'], state['tasks'], state['seen']
+        self.generator.set_state(state['rng'])
+
+
+def forgetting(R, learned):
+    """{task column j: forgetting} for each task learned before the last stage (Chaudhry 2018, on losses):
+    its final loss minus the best loss it had at any earlier stage since it was learned. > 0: forgotten."""
+    last = len(R) - 1
+    return {j: R[last][j] - min(R[i][j] for i in range(s, last)) for j, s in enumerate(learned) if s < last}
+
+
+def backward_transfer(R, learned):
+    """Mean over the tasks learned before the last stage of (loss right after learning it − final loss):
+    the sign of GEM's BWT (Lopez-Paz 2017), negative when later stages made earlier tasks worse. None if
+    no task was learned before the last stage (a single stage, e.g. joint training)."""
+    last = len(R) - 1
+    deltas = [R[s][j] - R[last][j] for j, s in enumerate(learned) if s < last]
+    return sum(deltas) / len(deltas) if deltas else None
+
+
+def format_report(tasks, stages, R, learned):
+    """The R matrix, forgetting and backward transfer as a text table."""
+    lines = ["R[i][j]: val loss (nats/token) on task j after stage i",
+             "after  " + "".join(f"{t:>9}" for t in tasks)]
+    for stage, row in zip(stages, R):
+        lines.append(f"{'+'.join(stage):<7}" + "".join(f"{v:9.4f}" for v in row))
+    f = forgetting(R, learned)
+    if f:
+        lines.append("forgetting " + ", ".join(f"{tasks[j]} {v:+.4f}" for j, v in f.items()) +
+                     f"; backward transfer {backward_transfer(R, learned):+.4f}")
+    return "\n".join(lines)
+
+
+class IncrementalLearner:
+    """The task sequence a training run follows, and what it keeps between tasks (EWC's Fisher and
+    anchor, the replay buffer, the R matrix). train_efficient.py calls, per iteration: train_batch,
+    aux_losses (added to the loss), scaled_update (around the optimizer step) and after_step; its
+    loss estimates call get_batch."""
+
+    def __init__(self, data_dir, meta, config, device='cpu'):
+        c = config
+        self.stages = parse_stages(c['incremental_tasks'])
+        self.tasks = list(dict.fromkeys(t for stage in self.stages for t in stage))  # the R matrix's columns
+        known = list(meta.get('tasks', {}))
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            have = ', '.join(known) or "none (its meta.json lists no 'tasks')"
+            raise ValueError(f"incremental_tasks names {', '.join(unknown)}, but {data_dir} has tasks: {have}")
+        checks = [(c['iters_per_task'] > 0, "iters_per_task must be > 0"),
+                  (c['ewc_lambda'] >= 0, "ewc_lambda must be >= 0"),
+                  (0 <= c['ewc_gamma'] <= 1, "ewc_gamma must be in [0, 1]"),
+                  (0 <= c['replay_ratio'] < 1, "replay_ratio must be in [0, 1)"),
+                  (c['replay_buffer_size'] >= 0 and c['fisher_batches'] >= 0, "replay_buffer_size and fisher_batches must be >= 0"),
+                  (c['adaptive_lr_strength'] >= 0, "adaptive_lr_strength must be >= 0"),
+                  (c['replay_ratio'] == 0 or c['replay_buffer_size'] > 0, "replay_ratio > 0 needs replay_buffer_size > 0"),
+                  (c['fisher_batches'] > 0 or c['ewc_lambda'] == 0 == c['adaptive_lr_strength'],
+                   "ewc_lambda and adaptive_lr_strength need a Fisher: set fisher_batches > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.data_dir, self.device, self.config = data_dir, device, c
+        self.iters_per_task, self.max_iters = c['iters_per_task'], c['iters_per_task'] * len(self.stages)
+        self.block_size, self.batch_size = c['block_size'], c['batch_size']
+        self.ewc_lambda, self.ewc_gamma, self.fisher_batches = c['ewc_lambda'], c['ewc_gamma'], c['fisher_batches']
+        self.adaptive_lr_strength = c['adaptive_lr_strength']
+        # round half up, so that e.g. 0.25 of 12 is exactly 3 replayed windows in every batch
+        self.n_replay = int(c['replay_ratio'] * self.batch_size + 0.5)
+        self.eval_windows = None if c['final_eval_windows'] < 0 else c['final_eval_windows']
+        self.buffer = ReplayBuffer(c['replay_buffer_size'], self.block_size + 1, c['seed']) if c['replay_buffer_size'] else None
+        self.stage, self.R, self.fisher, self.anchor, self.update_scale = 0, [], None, None, None
+
+    def data(self, task, split):
+        return np.memmap(os.path.join(self.data_dir, f'{task}_{split}.bin'), dtype=np.uint16, mode='r')
+
+    def lr_iter(self, iter_num):
+        """Where iter_num is in the learning-rate schedule, which restarts with every stage."""
+        return iter_num % self.iters_per_task
+
+    def stage_windows(self, split, n, generator):
+        """[(task index, windows (k, T + 1))]: n random windows of the current stage, its tasks in equal shares."""
+        out = []
+        for task, k in zip(self.stages[self.stage], split_evenly(n, len(self.stages[self.stage]))):
+            data = self.data(task, split)
+            starts = torch.randint(len(data) - self.block_size, (k,), generator=generator)
+            out.append((self.tasks.index(task), read_windows(data, starts, self.block_size)))
+        return out
+
+    def xy(self, windows):
+        return windows[:, :-1].contiguous().to(self.device), windows[:, 1:].contiguous().to(self.device)  # (B, T) each
+
+    def get_batch(self, split, generator):
+        """(x, y) of the current stage, for evaluation: no replay, nothing offered to the buffer."""
+        return self.xy(torch.cat([w for _, w in self.stage_windows(split, self.batch_size, generator)]))
+
+    def train_batch(self, generator):
+        """(x, y) for a training step: the current stage's windows, then n_replay windows from the buffer
+        once it holds an earlier task's (none during the first task). The new windows go to the buffer."""
+        stage = [self.tasks.index(t) for t in self.stages[self.stage]]
+        replayed = self.buffer.sample(self.n_replay, stage, generator) if self.n_replay else None
+        new = self.stage_windows('train', self.batch_size - (len(replayed) if replayed is not None else 0), generator)
+        if self.buffer:
+            for task, windows in new:
+                self.buffer.add(windows, task)
+        return self.xy(torch.cat([w for _, w in new] + ([replayed] if replayed is not None else [])))
+
+    def aux_losses(self, model):
+        """{'ewc': (λ, Σ F·(θ − θ*)²)} once a Fisher exists (with λ = 0 it is logged but adds nothing)."""
+        return {'ewc': (self.ewc_lambda, ewc_penalty(model, self.anchor, self.fisher))} if self.fisher else {}
+
+    @contextmanager
+    def scaled_update(self, model):
+        """Importance-adaptive learning rates around the optimizer step: each parameter's update (AdamW's
+        step, weight decay included) is scaled by 1/(1 + s·F/mean(F)), which is exactly a per-element
+        learning rate. Scaling the gradient instead would do nothing: Adam divides it by its own RMS."""
+        if self.update_scale is None:
+            yield
+            return
+        params = dict(model.named_parameters())
+        before = {n: params[n].detach().clone() for n in self.update_scale}
+        yield
+        with torch.no_grad():
+            for n, scale in self.update_scale.items():
+                params[n].sub_(before[n]).mul_(scale).add_(before[n])
+
+    def after_step(self, model, iter_num, ctx=None):
+        """At the end of a stage: the R row, then (unless it was the last) the Fisher, anchor and the
+        next stage. Returns the R row as text, or None mid-stage."""
+        if iter_num % self.iters_per_task:
+            return None
+        self.R.append([evaluate_loss(model, self.data(t, 'val'), self.block_size, max_windows=self.eval_windows,
+                                     device=self.device, ctx=ctx) for t in self.tasks])
+        row = f"after stage {'+'.join(self.stages[self.stage])}: val loss " + ", ".join(
+            f"{t} {v:.4f}" for t, v in zip(self.tasks, self.R[-1]))
+        if self.stage + 1 < len(self.stages):
+            if self.fisher_batches:
+                self.consolidate(model)
+            self.stage += 1
+        return row
+
+    def consolidate(self, model):
+        """Fisher of the stage just trained on fisher_batches of its training windows (a generator seeded
+        by the stage, so a resumed run draws the same), folded into the running sum; θ* = θ now."""
+        generator = torch.Generator().manual_seed(self.config['seed'] + 1000 + self.stage)
+        batches = [self.xy(torch.cat([w for _, w in self.stage_windows('train', self.batch_size, generator)]))[0]
+                   for _ in range(self.fisher_batches)]
+        sample_generator = torch.Generator(device=self.device).manual_seed(self.config['seed'] + 2000 + self.stage)
+        new = estimate_fisher(model, batches, sample_generator)
+        self.fisher = new if self.fisher is None else {n: self.ewc_gamma * self.fisher[n] + new[n] for n in new}
+        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in new}
+        self.update_scale = self._update_scale()
+
+    def _update_scale(self):
+        """1/(1 + s·F/mean(F)), the mean over every element of every parameter; None when s = 0."""
+        if not self.adaptive_lr_strength:
+            return None
+        mean = sum(f.sum() for f in self.fisher.values()) / sum(f.numel() for f in self.fisher.values())
+        return {n: 1 / (1 + self.adaptive_lr_strength * f / mean) for n, f in self.fisher.items()}
+
+    def learned(self):
+        """The stage at which each task (R column) is first trained."""
+        return [next(i for i, s in enumerate(self.stages) if t in s) for t in self.tasks]
+
+    def report(self):
+        return format_report(self.tasks, self.stages, self.R, self.learned())
+
+    def state_dict(self):
+        """Plain tensors, dicts, lists and numbers: loads with torch.load(weights_only=True)."""
+        return dict(incremental_tasks=self.config['incremental_tasks'], iters_per_task=self.iters_per_task,
+                    stage=self.stage, R=self.R, fisher=self.fisher, anchor=self.anchor,
+                    buffer=self.buffer.state_dict() if self.buffer else None)
+
+    def load_state_dict(self, state):
+        if state is None:
+            raise ValueError("the checkpoint has no incremental-learning state: it was not trained with incremental_tasks")
+        for key in ('incremental_tasks', 'iters_per_task'):
+            if state[key] != self.config[key]:
+                raise ValueError(f"the checkpoint was trained with {key}={state[key]!r}, not {self.config[key]!r}: "
+                                 "a resumed sequence must keep its tasks and steps")
+        self.stage, self.R, self.fisher, self.anchor = state['stage'], state['R'], state['fisher'], state['anchor']
+        if self.buffer and state['buffer']:
+            self.buffer.load_state_dict(state['buffer'])
+        self.update_scale = self._update_scale() if self.fisher else None

@@ -1,0 +1,308 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from conftest import ROOT
+from incremental_learning import (IncrementalLearner, ReplayBuffer, backward_transfer, estimate_fisher, ewc_penalty,
+                                  forgetting)
+from model import GPT, GPTConfig
+from tokenizer import char_meta, load_tokenizer
+
+# task A is lower case, task B upper case: a window's task shows in its letters
+TEXTS = {'A': "the cat sat on the mat, and the dog lay by the door.\n" * 40,
+         'B': "SHERLOCK HOLMES SAID THAT THE GAME WAS AFOOT.\n" * 40}
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4', '--device=cpu',
+        '--progress=False', '--eval_iters=2', '--log_interval=1', '--warmup_iters=2', '--lr_decay_iters=6',
+        '--final_eval_windows=4']
+
+
+@pytest.fixture
+def tasks_dir(tmp_path):
+    """A continual_char-like folder: A_train.bin, A_val.bin, B_... over one vocabulary, meta.json with tasks."""
+    d = tmp_path / 'tasks'
+    d.mkdir()
+    meta = char_meta(''.join(TEXTS.values()))
+    meta['tasks'] = {'A': 'lower', 'B': 'upper'}
+    tok = load_tokenizer(meta)
+    for task, text in TEXTS.items():
+        ids = np.array(tok.encode(text), dtype=np.uint16)
+        split = int(0.8 * len(ids))
+        ids[:split].tofile(d / f'{task}_train.bin')
+        ids[split:].tofile(d / f'{task}_val.bin')
+    (d / 'meta.json').write_text(json.dumps(meta))
+    return d
+
+
+def settings(**kw):
+    c = dict(incremental_tasks='A,B', iters_per_task=5, block_size=16, batch_size=12, seed=0, final_eval_windows=4,
+             ewc_lambda=0.0, ewc_gamma=1.0, fisher_batches=0, replay_buffer_size=0, replay_ratio=0.0,
+             adaptive_lr_strength=0.0)
+    c.update(kw)
+    return c
+
+
+def tiny_model(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size, dropout=0.0, bias=True))
+
+
+def task_of(row, meta):
+    text = ''.join(meta['itos'][i] for i in row.tolist())
+    return 'B' if any(c.isupper() for c in text) else 'A'
+
+
+def train_steps(tasks_dir, **kw):
+    """train_efficient.py's loop in miniature: the parameters after every step."""
+    meta = json.loads((tasks_dir / 'meta.json').read_text())
+    learner = IncrementalLearner(str(tasks_dir), meta, settings(**kw))
+    model = tiny_model(meta['vocab_size'])
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu')
+    batches = torch.Generator().manual_seed(0)
+    history = []
+    for it in range(learner.max_iters):
+        x, y = learner.train_batch(batches)
+        _, loss = model(x, y)
+        loss = loss + sum(w * v for w, v in learner.aux_losses(model).values())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with learner.scaled_update(model):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        learner.after_step(model, it + 1)
+        history.append([p.detach().clone() for p in model.parameters()])
+    return history, learner
+
+
+def test_neutral_settings_equal_naive_step_for_step(tasks_dir):
+    naive, _ = train_steps(tasks_dir)
+    # a Fisher, an EWC penalty of weight 0 and a filled replay buffer that is never sampled change nothing
+    neutral, learner = train_steps(tasks_dir, fisher_batches=2, ewc_lambda=0.0, replay_buffer_size=32, replay_ratio=0.0)
+    assert learner.fisher is not None and learner.buffer.seen > 0
+    for step, (a, b) in enumerate(zip(naive, neutral)):
+        assert all(torch.equal(p, q) for p, q in zip(a, b)), f"step {step + 1}"
+    # and EWC with lambda > 0 does change training after the first task (the test can fail)
+    ewc, _ = train_steps(tasks_dir, fisher_batches=2, ewc_lambda=1e4)
+    assert all(torch.equal(p, q) for p, q in zip(naive[4], ewc[4]))
+    assert not all(torch.equal(p, q) for p, q in zip(naive[-1], ewc[-1]))
+
+
+def test_fisher_is_nonnegative_with_the_parameters_shapes():
+    model = tiny_model(20)
+    batches = [torch.randint(20, (3, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    fisher = estimate_fisher(model, batches, torch.Generator().manual_seed(0))
+    params = dict(model.named_parameters())
+    assert fisher.keys() == params.keys()
+    for n, f in fisher.items():
+        assert f.shape == params[n].shape and (f >= 0).all(), n
+    assert sum(f.sum() for f in fisher.values()) > 0
+    assert model.training and all(p.grad is None for p in model.parameters())  # no trace left on the model
+
+
+def test_batched_fisher_estimate_is_unbiased():
+    """One backward of the summed sampled log-likelihood estimates the per-token Fisher Σ_y p(y)·g_y² without
+    bias: the mean of many estimates approaches the exact value (computed label by label)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=5, dropout=0.0, bias=True))
+    x = torch.tensor([[1, 3, 0]])
+    params = [p for p in model.parameters()]
+    logits = model(x, x)[0][0]  # (T, V)
+    exact = [torch.zeros_like(p) for p in params]
+    for t in range(x.size(1)):
+        log_p = torch.log_softmax(logits[t], -1)
+        for y in range(5):
+            grads = torch.autograd.grad(log_p[y], params, retain_graph=True)
+            for e, g in zip(exact, grads):
+                e += log_p[y].exp().detach() * g ** 2 / x.size(1)  # per token
+    estimate = estimate_fisher(model, [x] * 500, torch.Generator().manual_seed(1))
+    est, ex = torch.cat([f.flatten() for f in estimate.values()]), torch.cat([e.flatten() for e in exact])
+    # over 500 draws the total's relative error has a spread of about 1% (measured over seeds), so 5% is ~5
+    # standard errors; dropping the cross terms wrongly, or using (mean gradient)², is off by a factor ~T = 3
+    assert torch.allclose(est.sum(), ex.sum(), rtol=0.05)
+    assert torch.nn.functional.cosine_similarity(est, ex, dim=0) > 0.99
+
+
+def test_penalty_is_zero_at_anchor_and_its_gradient_is_2_lambda_F_delta():
+    model = tiny_model(20)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    fisher = {n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}
+    assert ewc_penalty(model, anchor, fisher).item() == 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    lam = 3.0
+    (lam * ewc_penalty(model, anchor, fisher)).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, 2 * lam * fisher[n] * (p.detach() - anchor[n]), atol=1e-6), n
+
+
+def test_reservoir_keeps_every_item_with_equal_probability():
+    """Offer items 0..n-1 in order to a reservoir of size k, over many independent trials: each item must be
+    kept in a fraction k/n = 0.2 of them. With 2000 trials the standard error of one item's frequency is
+    sqrt(0.2·0.8/2000) = 0.0089; the 0.045 tolerance is 5 standard errors, which 50 items exceed by chance
+    with probability < 1e-4 (the seeds are fixed anyway). First and last items are compared too: the
+    classic bug, keeping the first k or always the newest, moves them far apart."""
+    n, k, trials = 50, 10, 2000
+    counts = torch.zeros(n)
+    for trial in range(trials):
+        buffer = ReplayBuffer(k, 1, seed=trial)
+        buffer.add(torch.arange(n).view(n, 1), task=0)
+        assert buffer.seen == n and len(set(buffer.windows.flatten().tolist())) == k
+        counts[buffer.windows.flatten()] += 1
+    freq = counts / trials
+    assert (freq - k / n).abs().max() < 0.045, freq
+    assert abs(freq[:k].mean() - freq[-k:].mean()) < 0.03
+
+
+def test_replay_state_round_trips():
+    a = ReplayBuffer(4, 3, seed=0)
+    a.add(torch.arange(30).view(10, 3), task=0)
+    b = ReplayBuffer(4, 3, seed=99)
+    b.load_state_dict(a.state_dict())
+    more = torch.arange(30, 60).view(10, 3)
+    a.add(more, task=1)
+    b.add(more, task=1)
+    assert torch.equal(a.windows, b.windows) and torch.equal(a.tasks, b.tasks) and a.seen == b.seen == 20
+
+
+@pytest.mark.parametrize('ratio, expected', [(0.25, 3), (0.125, 2), (0.5, 6)])  # 0.125·12 = 1.5 rounds up to 2
+def test_training_batch_holds_the_replay_fraction(tasks_dir, ratio, expected):
+    meta = json.loads((tasks_dir / 'meta.json').read_text())
+    learner = IncrementalLearner(str(tasks_dir), meta, settings(replay_buffer_size=64, replay_ratio=ratio))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # stage A: nothing earlier to replay
+        x, _ = learner.train_batch(g)
+        assert [task_of(r, meta) for r in x] == ['A'] * 12
+    learner.after_step(tiny_model(meta['vocab_size']), learner.iters_per_task)  # end of stage A
+    for _ in range(5):
+        x, y = learner.train_batch(g)
+        assert x.shape == y.shape == (12, 16) and torch.equal(x[:, 1:], y[:, :-1])
+        assert [task_of(r, meta) for r in x] == ['B'] * (12 - expected) + ['A'] * expected
+        assert [task_of(r, meta) for r in learner.get_batch('val', g)[0]] == ['B'] * 12  # estimates: no replay
+    assert set(learner.buffer.tasks.tolist()) == {0, 1}  # B's windows joined the buffer, for a task C
+
+
+def test_joint_stage_mixes_tasks_in_equal_shares(tasks_dir):
+    meta = json.loads((tasks_dir / 'meta.json').read_text())
+    learner = IncrementalLearner(str(tasks_dir), meta, settings(incremental_tasks='A+B'))
+    x, _ = learner.train_batch(torch.Generator().manual_seed(0))
+    assert [task_of(r, meta) for r in x] == ['A'] * 6 + ['B'] * 6
+    assert learner.max_iters == 5 and learner.tasks == ['A', 'B']
+
+
+def test_settings_are_validated(tasks_dir):
+    meta = json.loads((tasks_dir / 'meta.json').read_text())
+    for bad, message in [(dict(incremental_tasks='A,Z'), 'names Z'), (dict(replay_ratio=0.5), 'replay_buffer_size'),
+                         (dict(ewc_lambda=1.0), 'fisher_batches'), (dict(ewc_gamma=2.0), 'ewc_gamma')]:
+        with pytest.raises(ValueError, match=message):
+            IncrementalLearner(str(tasks_dir), meta, settings(**bad))
+
+
+def test_forgetting_and_backward_transfer():
+    R = [[1.0, 3.0, 4.0],
+         [1.5, 1.2, 4.0],
+         [1.4, 2.0, 1.1]]
+    # A: final 1.4, best earlier 1.0 -> 0.4; B: final 2.0, best earlier 1.2 -> 0.8
+    assert forgetting(R, [0, 1, 2]) == pytest.approx({0: 0.4, 1: 0.8})
+    assert backward_transfer(R, [0, 1, 2]) == pytest.approx(-0.6)
+    assert forgetting([[1.0, 1.2]], [0, 0]) == {} and backward_transfer([[1.0, 1.2]], [0, 0]) is None
+
+
+# train_efficient.py runs
+
+
+def train(out_dir, data, *args, check=True):
+    cmd = [sys.executable, os.path.join(ROOT, 'train_efficient.py'), f'--dataset={data}', f'--out_dir={out_dir}', *TINY, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_resume_mid_sequence_equals_an_uninterrupted_run(tmp_path, tasks_dir):
+    # every mechanism on, on the efficient model type (the in-process tests above use the baseline GPT);
+    # dropout: the torch RNG must resume too
+    common = ['--incremental_tasks=A,B', '--fisher_batches=2', '--ewc_lambda=10', '--replay_buffer_size=32',
+              '--replay_ratio=0.25', '--adaptive_lr_strength=1', '--dropout=0.1', '--model_type=efficient',
+              '--iters_per_task=40', '--lr_decay_iters=40', '--eval_interval=1000']
+    train(tmp_path / 'straight', tasks_dir, *common)
+    # Ctrl-C once stage B has begun: the checkpoint then holds the Fisher, the buffer and the R row of A
+    cmd = [sys.executable, os.path.join(ROOT, 'train_efficient.py'), f'--dataset={tasks_dir}',
+           f'--out_dir={tmp_path / "split"}', *TINY, *common]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in p.stdout:
+        if line.startswith('after stage A'):
+            break
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0 and 'init_from=resume' in out, out
+    stopped = load_checkpoint(str(tmp_path / 'split' / 'ckpt.pt'))
+    assert 40 <= stopped['iter_num'] < 80 and stopped['incremental']['stage'] == 1, stopped['iter_num']
+    r = train(tmp_path / 'split', tasks_dir, *common, '--init_from=resume')
+    assert 'forgetting A' in r.stdout and 'ewc' in r.stdout
+    a = load_checkpoint(str(tmp_path / 'straight' / 'ckpt.pt'))
+    b = load_checkpoint(str(tmp_path / 'split' / 'ckpt.pt'))
+    assert a['iter_num'] == b['iter_num'] == 80
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert a['incremental']['R'] == b['incremental']['R'] and len(a['incremental']['R']) == 2
+    assert torch.equal(a['incremental']['buffer']['windows'], b['incremental']['buffer']['windows'])
+
+
+def test_a_character_outside_the_checkpoint_vocabulary_is_named(tmp_path, tasks_dir):
+    meta = json.loads((tasks_dir / 'meta.json').read_text())
+    model = tiny_model(meta['vocab_size'])
+    save_checkpoint({**model_checkpoint(model, meta), 'iter_num': 2, 'best_val_loss': 9.0}, str(tmp_path / 'out' / 'ckpt.pt'))
+    new = tmp_path / 'new'
+    new.mkdir()
+    text = TEXTS['A'] + "café\n"
+    meta = char_meta(text)
+    meta['tasks'] = {'A': 'lower'}
+    ids = np.array(load_tokenizer(meta).encode(text), dtype=np.uint16)
+    for split in ('train', 'val'):
+        ids.tofile(new / f'A_{split}.bin')
+    (new / 'meta.json').write_text(json.dumps(meta))
+    r = train(tmp_path / 'out', new, '--incremental_tasks=A', '--iters_per_task=4', '--init_from=resume', check=False)
+    assert r.returncode == 2 and "outside the checkpoint's vocabulary" in r.stderr and "'é'" in r.stderr, r.stderr
+
+
+def test_experiment_tables(capsys):
+    import incremental_experiment as exp
+    results = {'naive': dict(R=[[1.0, 3.0], [1.4, 1.2]], seconds=1.0), 'ewc': dict(R=[[1.0, 3.0], [1.1, 1.26]], seconds=None),
+               'joint': dict(R=[[1.05, 1.25]], seconds=2.0)}
+    rows = exp.summarize(results, ['A', 'B'], [('A',), ('B',)], list(results))
+    assert rows['ewc']['forgetting'] == pytest.approx({'A': 0.1}) and rows['ewc']['forgetting_cut'] == pytest.approx({'A': 0.75})
+    assert rows['ewc']['last_task_vs_naive'] == pytest.approx(0.05) and rows['joint']['forgetting'] == {}
+    exp.print_tables(results, rows, ['A', 'B'], [('A',), ('B',)])
+    out = capsys.readouterr().out
+    assert 'forget A' in out and '75%' in out and '+5.0%' in out
+
+
+def test_experiment_runs_methods_and_reads_finished_runs_back(tmp_path, tasks_dir):
+    cmd = [sys.executable, os.path.join(ROOT, 'incremental_experiment.py'), '--methods=naive,joint', '--jobs=2',
+           f'--out_dir={tmp_path}', f'--json={tmp_path / "r.json"}', f'--plot={tmp_path / "r.png"}', f'--dataset={tasks_dir}',
+           *[a for a in TINY if a != '--progress=False'], '--iters_per_task=3', '--lr_decay_iters=3', '--eval_interval=1000']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'forget A' in r.stdout and ('plot written' in r.stdout or 'matplotlib is not installed' in r.stdout)
+    figures = json.loads((tmp_path / 'r.json').read_text())['methods']
+    assert len(figures['naive']['R']) == 2 and len(figures['joint']['R']) == 1 and figures['joint']['forgetting'] == {}
+    assert 'iters_per_task=6' in figures['joint']['command']  # the same total steps as the sequence
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and 'done in' not in again.stdout, again.stdout  # nothing trained again
+    assert {m: f['R'] for m, f in json.loads((tmp_path / 'r.json').read_text())['methods'].items()} == \
+        {m: f['R'] for m, f in figures.items()}
+
+
+def test_incremental_keys_without_tasks_are_an_error(tmp_path, tasks_dir):
+    r = train(tmp_path / 'out', tasks_dir, '--ewc_lambda=10', check=False)
+    assert r.returncode == 2 and 'ewc_lambda: these keys need incremental_tasks' in r.stderr
