@@ -18,11 +18,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit
 from early_exit import CRITERIA, EarlyExitDecoder, exit_logits
-from evaluate import bits, decode_consistent_loss, evaluate_loss, fixed_windows
+from evaluate import bits, decode_consistent_loss, evaluate_loss, fixed_windows, teacher_forced_decode_loss
 from local_attention import LocalSelfAttention
 from model import GPT, CausalSelfAttention, GPTConfig
 from model_efficient import EfficientGPT, EfficientGPTConfig
@@ -47,9 +48,11 @@ DEFAULTS = dict(
     seed=1337,  # random weights, prompts and prefill tokens
     val_data='',  # a dataset folder: adds the deterministic validation loss of its val.bin
     val_windows=0,  # score only the first val_windows fixed windows; 0: all of them
+    train_batch=8,  # batch of the training-step timing (the CPU benchmark config's)
     json='',  # write every figure and the settings to this path
-    # early exit rows (an early-exit checkpoint in --ckpt): compared with this cached baseline in the same run
-    baseline='',  # checkpoint of the baseline (e.g. out-bench-baseline/ckpt.pt); empty: early exit rows are skipped
+    # the cached baseline, compared in the same run by the early exit rows (an early-exit checkpoint in --ckpt)
+    # and by the against_baseline and pondering rows (any --ckpt of the same depth); empty: those rows are skipped
+    baseline='',  # checkpoint of the baseline (e.g. out-bench-baseline/ckpt.pt)
     exit_sweep='max_prob:0.8,0.5,0.3;margin:0.6,0.3,0.1;saturation:0.995,0.99,0.98;learned:0.9,0.8,0.6',  # criterion:thresholds;...
     exit_windows=8,  # decode-consistent val loss over the first exit_windows fixed windows of val.bin
     spec_sweep='1:4,2:4,2:6,3:6',  # self-speculative settings, spec_exit_layer:spec_draft_tokens,...
@@ -276,12 +279,12 @@ def full_attention(model, **changes):
     return twin
 
 
-def train_step(module, x, targets=None):
-    """forward + backward of module on x: the model's loss, or a layer's output against a fixed gradient"""
+def layer_step(layer, x):
+    """forward + backward of one layer on x (B, T, C) against a fixed output gradient"""
     def step():
-        module.zero_grad(set_to_none=True)
-        y = module(x, targets)[1] if targets is not None else module(x)
-        y.backward() if targets is not None else y.backward(torch.ones_like(y))
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
     return step
 
 
@@ -300,13 +303,13 @@ def local_train_step(b):
             local = LocalSelfAttention(cfg, rope=False).to(b.device)
             local.load_state_dict(layer.state_dict())
             x = torch.randn(1, T, c.n_embd, device=b.device, requires_grad=True)
-            _, _, t = time_pair(train_step(local, x), train_step(layer, x), b.runs, T, b.sync)
+            _, _, t = time_pair(layer_step(local, x), layer_step(layer, x), b.runs, T, b.sync)
             figures.update({f'layer_T{T}_local_tok_s': t['a'], f'layer_T{T}_full_tok_s': t['b'],
                             f'layer_T{T}_ratio': t['ratio']})
             model = EfficientGPT(cfg).to(b.device).train()
             idx = torch.randint(c.vocab_size, (1, T), device=b.device)
-            _, _, t = time_pair(train_step(model, idx, idx), train_step(full_attention(model).train(), idx, idx),
-                                b.runs, T, b.sync)
+            _, _, t = time_pair(train_step(model, idx), train_step(full_attention(model).train(), idx), b.runs, T,
+                                b.sync)
             figures.update({f'model_T{T}_local_tok_s': t['a'], f'model_T{T}_full_tok_s': t['b'],
                             f'model_T{T}_ratio': t['ratio']})
     return figures
@@ -384,11 +387,139 @@ def local_stream(b):
     return figures
 
 
+# --- hourglass and ACT rows: the model against --baseline (a model of the same depth) ---------------
+
+def executed_flops_per_token(model, ctx, ponder_steps):
+    """Forward FLOPs one generated token executes, counted from what ran: 2 per multiply-add of every
+    weight used plus q.k and att.v over the keys attended (as dense_flops_per_token). A shortened layer
+    runs once per k tokens over ctx/k keys, and so do pooling and upsampling; a pondering layer runs
+    its block ponder_steps[i] times (the measured mean, halting unit included) and one K/V projection
+    for each step it skipped."""
+    c, C = model.config, model.config.n_embd
+    k, plan = c.hierarchy_factor, model.plan
+
+    def layer(block, keys):
+        return 2 * sum(p.numel() for p in block.parameters()) + 2 * 2 * C * keys
+
+    total = 2 * c.vocab_size * C  # the LM head (the tied token table)
+    for i, block in enumerate(model.transformer.h):
+        keys, per_token = (ctx / k, 1 / k) if plan.shortened[i] else (ctx, 1)
+        if plan.ponder[i]:
+            steps = ponder_steps[i]
+            total += per_token * (steps * layer(block, keys) + (block.max_steps - steps) * 2 * 2 * C * C)
+        else:
+            total += per_token * layer(block, keys)
+    if model.hourglass is not None:
+        total += 2 * sum(p.numel() for p in model.hourglass.parameters()) / k
+    return total
+
+
+def decode_counts(model, prompt, n):
+    """Greedy decode of n tokens after prompt (1, T), counting what ran: the runs of the first shortened
+    layer and the mean ponder steps of each pondering layer (per position fed)."""
+    short_runs, steps, hooks = [], {}, []
+    if model.hourglass is not None:
+        first = model.transformer.h[model.shortened.start]
+        hooks.append(first.register_forward_hook(lambda mod, i, o: short_runs.append(o.size(1))))
+    for i, block in enumerate(model.transformer.h):
+        if model.plan.ponder[i]:
+            hooks.append(block.register_forward_hook(lambda mod, inp, o, i=i: steps.setdefault(i, []).append(mod.steps)))
+    model.generate(prompt, n, temperature=0)  # feeds positions 0 .. T+n-2
+    for h in hooks:
+        h.remove()
+    mean_steps = {i: torch.cat([s.flatten() for s in v]).float().mean().item() for i, v in steps.items()}
+    return len(short_runs), mean_steps
+
+
+def train_step(model, x):
+    """One forward and backward over x (B, T) with the aux losses, as the training loop does."""
+    def step():
+        with torch.enable_grad():
+            model.zero_grad(set_to_none=True)
+            _, loss = model(x, x)
+            (loss + sum(w * v for w, v in model.aux_losses().values())).backward()
+    return step
+
+
+def against_baseline(b):
+    """the model vs --baseline: training step (fwd+bwd) and decode batch 1"""
+    if b.baseline_model is None:
+        return None
+    m, base, x = b.model, b.baseline_model, b.prefill_x[:b.train_batch]
+    _, _, train = time_pair(train_step(m, x), train_step(base, x), b.runs, x.numel(), b.sync)
+    gen = lambda model: lambda: model.generate(b.prompt[:1], b.new_tokens, temperature=0)  # noqa: E731
+    _, _, dec = time_pair(gen(m), gen(base), b.runs, b.new_tokens, b.sync)
+    return dict(baseline=b.baseline_path, train_batch=x.size(0), train_tok_s=train['a'],
+                baseline_train_tok_s=train['b'], train_speedup=train['ratio'], decode_tok_s=dec['a'],
+                baseline_decode_tok_s=dec['b'], decode_speedup=dec['ratio'])
+
+
+def hourglass(b):
+    """hourglass: shortened-layer runs and FLOPs executed per generated token, batch 1"""
+    m = b.model
+    if getattr(m, 'hourglass', None) is None:
+        return None
+    runs, ponder_steps = decode_counts(m, b.prompt[:1], b.new_tokens)
+    ctx = (b.new_tokens + 1) / 2
+    return dict(hierarchy_factor=m.config.hierarchy_factor, layers=f"{len(m.pre)} pre / {len(m.shortened)} "
+                f"shortened / {len(m.post)} post", shortened_runs_per_token=runs / b.new_tokens,
+                executed_flops_per_token=executed_flops_per_token(m, ctx, ponder_steps),
+                dense_flops_per_token=dense_flops_per_token(m, ctx))
+
+
+def pondering(b):
+    """ACT: ponder steps on validation text through the decode engine, decode-consistent loss, easy vs hard tokens"""
+    m = b.model
+    layers = [i for i, p in enumerate(getattr(getattr(m, 'plan', None), 'ponder', ())) if p]
+    if not layers or not b.val_data:
+        return None
+    data = np.memmap(os.path.join(b.val_data, 'val.bin'), dtype=np.uint16, mode='r')
+    T, windows, N = m.config.block_size, b.val_windows or None, m.config.max_pondering_steps
+    per_step = []  # one (B, len(layers)) tensor of ponder steps per decoded token
+
+    def record(model):
+        per_step.append(torch.stack([model.transformer.h[i].steps[:, -1] for i in layers], dim=1))
+    loss, scored = teacher_forced_decode_loss(m, data, T, b.batch, windows, b.device, on_step=record)
+    # regroup to (windows, T, layers): the engine decodes b.batch windows at a time, T steps each
+    steps = torch.cat([torch.stack(per_step[i:i + T], dim=1) for i in range(0, len(per_step), T)]).cpu()
+    figures = dict(val_windows=steps.size(0), tokens_scored=scored, decode_consistent_val_loss=loss,
+                   forward_val_loss=evaluate_loss(m, data, T, b.batch, windows, b.device),
+                   ponder_layers=','.join(map(str, layers)), max_pondering_steps=N,
+                   mean_ponder_steps=steps.float().mean().item(),
+                   ponder_steps_fractions=[round((steps == n).float().mean().item(), 4) for n in range(1, N + 1)])
+    if b.baseline_model is not None:  # easy and hard tokens: the quarters of lowest and highest baseline loss
+        starts = fixed_windows(data, T, windows)
+        x = torch.from_numpy(np.stack([data[j:j + T] for j in starts]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[j + 1:j + 1 + T] for j in starts]).astype(np.int64))
+        base_loss = torch.cat([F.cross_entropy(b.baseline_model(xb.to(b.device), yb.to(b.device))[0].transpose(1, 2).float(),
+                                               yb.to(b.device), reduction='none').cpu()
+                               for xb, yb in zip(x.split(b.batch), y.split(b.batch))])  # (windows, T)
+        mean_steps = steps.float().mean(dim=2)  # (windows, T) over the pondering layers
+        lo, hi = base_loss.quantile(0.25), base_loss.quantile(0.75)
+        figures.update(easy_tokens_mean_steps=mean_steps[base_loss <= lo].mean().item(),
+                       hard_tokens_mean_steps=mean_steps[base_loss >= hi].mean().item(),
+                       steps_vs_baseline_loss_corr=torch.corrcoef(torch.stack([mean_steps.flatten(),
+                                                                               base_loss.flatten()]))[0, 1].item())
+    # speed against a plain model with the same maximum compute (every pondering layer run N times)
+    gpt_args = {f.name: getattr(m.config, f.name) for f in fields(GPTConfig)}
+    same_max = GPT(GPTConfig(**{**gpt_args, 'n_layer': m.config.n_layer + (N - 1) * len(layers)})).eval().to(b.device)
+    gen = lambda model: lambda: model.generate(b.prompt[:1], b.new_tokens, temperature=0)  # noqa: E731
+    _, _, dec = time_pair(gen(m), gen(same_max), b.runs, b.new_tokens, b.sync)
+    _, decode_steps = decode_counts(m, b.prompt[:1], b.new_tokens)
+    ctx = (b.new_tokens + 1) / 2
+    figures.update(same_max_compute_layers=same_max.config.n_layer, decode_tok_s=dec['a'],
+                   same_max_compute_decode_tok_s=dec['b'], decode_speedup=dec['ratio'],
+                   decode_mean_ponder_steps_by_layer=[round(decode_steps[i], 4) for i in layers],
+                   executed_flops_per_token=executed_flops_per_token(m, ctx, decode_steps),
+                   same_max_compute_flops_per_token=dense_flops_per_token(same_max, ctx))
+    return figures
+
+
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
-                                exit_full, early_exit, speculative, exit_costs,
-                                local_train_step, local_decode, local_stream, memory)}
+                                exit_full, early_exit, speculative, exit_costs, against_baseline, hourglass,
+                                pondering, local_train_step, local_decode, local_stream, memory)}
 
 
 def fmt(key, v):
@@ -439,7 +570,8 @@ def main():
         long_T=config['long_T'], long_window=config['long_window'], long_tokens=config['long_tokens'],
         stream_tokens=config['stream_tokens'],
         val_data=config['val_data'], val_windows=config['val_windows'],
-        baseline=baseline if early_exit_model else None, exit_windows=config['exit_windows'],
+        baseline=baseline if early_exit_model else None, baseline_model=baseline, baseline_path=config['baseline'],
+        train_batch=config['train_batch'], exit_windows=config['exit_windows'],
         exit_sweep=[(c, float(t)) for part in config['exit_sweep'].split(';') for c, ts in [part.split(':')]
                     for t in ts.split(',')],
         spec_sweep=[tuple(map(int, s.split(':'))) for s in config['spec_sweep'].split(',')],

@@ -47,6 +47,34 @@ def bits(nats):
 
 
 @torch.no_grad()
+def teacher_forced_decode_loss(model, data, block_size, batch_size=16, max_windows=None, device='cpu', ctx=None,
+                               on_step=None):
+    """Decode-consistent loss (BENCHMARKS.md): the fixed windows of evaluate_loss teacher-forced through
+    the cached decode engine one token at a time (model(x[:, t:t+1], cache=...)), scoring the
+    distribution each step actually produced. For mechanisms whose decode may differ from the training
+    forward (ACT halting). on_step(model), if given, runs after every step (to read statistics).
+    Returns (mean nats per token, tokens scored)."""
+    was_training = model.training
+    model.eval()
+    starts = fixed_windows(data, block_size, max_windows)
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        s = starts[i:i + batch_size]
+        x = torch.from_numpy(np.stack([data[j:j + block_size] for j in s]).astype(np.int64)).to(device)
+        y = torch.from_numpy(np.stack([data[j + 1:j + 1 + block_size] for j in s]).astype(np.int64)).to(device)
+        cache = model.new_cache(len(s))
+        for t in range(block_size):
+            with ctx or nullcontext():
+                logits, _ = model(x[:, t:t + 1], cache=cache)  # (B, 1, vocab)
+            total += F.cross_entropy(logits[:, -1].float(), y[:, t], reduction='sum').item()
+            if on_step is not None:
+                on_step(model)
+        count += y.numel()
+    model.train(was_training)
+    return total / count, count
+
+
+@torch.no_grad()
 def decode_consistent_loss(model, data, block_size, max_windows, criterion=None, threshold=None, device='cpu'):
     """Validation loss as the early-exit decoder produces it: each of the first max_windows fixed windows is
     teacher-forced token by token (batch 1, fresh KV cache) through early_exit.EarlyExitDecoder, exactly

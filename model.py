@@ -208,8 +208,7 @@ class GPT(nn.Module):
         """nanoGPT's forward: (logits, loss); logits of every position with targets, of the last one
         without. cache: a list of per-layer KVCache from new_cache(); idx then holds the new positions."""
         x = self.embed(idx, cache[0].len if cache else 0)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache[i] if cache else None)
+        x = self.run_layers(x, cache)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -218,6 +217,12 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position's logits
             loss = None
         return logits, loss
+
+    def run_layers(self, x, cache=None):
+        """The blocks in order over x (B, T, C); EfficientGPT overrides this to run other layouts."""
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache[i] if cache else None)
+        return x
 
     def new_cache(self, batch_size, device=None, dtype=None):
         """One KVCache per layer, sized for block_size positions."""

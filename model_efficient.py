@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from early_exit import CRITERIA, DECODE, ExitHeads, ExitPoint, keep_output, no_losses
-from efficient_modules import ATTN, CACHE, FFN
+from efficient_modules import ATTN, CACHE, FFN, Ponder
+from hierarchical_modules import Hourglass, HourglassState, groups_closed
 from model import GPT, GPTConfig, LayerNorm
 
 
@@ -39,8 +40,20 @@ class EfficientGPTConfig(GPTConfig):
     spec_exit_layer: int = 0  # self-speculative decode drafts with this many layers; 0: half of n_layer
     spec_draft_tokens: int = 4  # tokens drafted per verification pass
 
+    # hierarchical processing: hourglass (hierarchical_modules.Hourglass)
+    enable_hierarchical: bool = False
+    hierarchy_factor: int = 2  # k: the shortened layers see one position per k tokens
+    hierarchy_layers: str = 'none'  # the shortened layers, a contiguous run after layer 0, e.g. '1,2,3,4'
+    # adaptive computation time (efficient_modules.Ponder)
+    enable_adaptive_compute: bool = False
+    max_pondering_steps: int = 3  # N: a pondering layer runs its block at most this many times per token
+    ponder_cost: float = 0.01  # tau: weight of the ponder cost N + R in the loss
+    act_layers: str = 'none'  # which layers ponder (a pattern, see expand_layers)
+    act_epsilon: float = 0.01  # a token halts once its halting probabilities sum to 1 - act_epsilon
+
     def __post_init__(self):
         self.check_local_attention()
+        self.check_hierarchy_and_act()
         if self.enable_early_exit:
             if self.exit_criterion not in CRITERIA:
                 raise ValueError(f"exit_criterion {self.exit_criterion!r}: use one of {', '.join(CRITERIA)}")
@@ -69,6 +82,23 @@ class EfficientGPTConfig(GPTConfig):
         elif self.attention_sinks or self.global_layers != 'none' or self.local_attention_window != 128:
             raise ValueError("local_attention_window, global_layers and attention_sinks need "
                              "enable_local_attention=True")
+
+    def check_hierarchy_and_act(self):
+        if self.hierarchy_factor < 1:
+            raise ValueError(f"hierarchy_factor must be at least 1, not {self.hierarchy_factor}")
+        shortened = [i for i, s in enumerate(expand_layers(self.hierarchy_layers, self.n_layer)) if s]
+        if self.enable_hierarchical:
+            if not shortened or shortened[0] == 0 or shortened != list(range(shortened[0], shortened[-1] + 1)):
+                raise ValueError(f"hierarchy_layers={self.hierarchy_layers!r} must name a contiguous run of layers "
+                                 f"that leaves layer 0 at full resolution, e.g. '1,2,3,4' of {self.n_layer}")
+        if self.max_pondering_steps < 1:
+            raise ValueError(f"max_pondering_steps must be at least 1, not {self.max_pondering_steps}")
+        if self.ponder_cost < 0 or not 0 <= self.act_epsilon < 1:
+            raise ValueError("ponder_cost must be >= 0 and act_epsilon in [0, 1)")
+        expand_layers(self.act_layers, self.n_layer)  # a bad pattern fails here, not at build time
+        if self.enable_early_exit and (self.enable_hierarchical or self.enable_adaptive_compute):
+            raise ValueError("enable_early_exit does not combine with enable_hierarchical or enable_adaptive_compute "
+                             "yet: the early-exit decode engines run the layers one by one at full resolution")
 
 
 def expand_layers(pattern, n_layer):
@@ -102,15 +132,26 @@ class LayerPlan:
     attn: tuple
     ffn: tuple
     exit: tuple  # True where a token may leave the stack early (never the last layer)
+    shortened: tuple  # True: the layer runs inside the hourglass at 1/hierarchy_factor resolution
+    ponder: tuple  # True: the layer is an ACT pondering block
 
     @classmethod
     def from_config(cls, config):
         L = config.n_layer
+        off = (False,) * L
         full = expand_layers(config.global_layers, L) if config.enable_local_attention else (True,) * L
         positions = '_rope' if config.pos_emb == 'rope' else ''
         attn = tuple(('full' if is_full else 'local') + positions for is_full in full)
-        exits = expand_layers(config.exit_layers, L)[:-1] + (False,) if config.enable_early_exit else (False,) * L
-        return cls(attn=attn, ffn=('dense',) * L, exit=exits)
+        exits = expand_layers(config.exit_layers, L)[:-1] + (False,) if config.enable_early_exit else off
+        shortened = expand_layers(config.hierarchy_layers, L) if config.enable_hierarchical else off
+        ponder = expand_layers(config.act_layers, L) if config.enable_adaptive_compute else off
+        return cls(attn=attn, ffn=('dense',) * L, exit=exits, shortened=shortened, ponder=ponder)
+
+    def runs(self):
+        """(pre, shortened, post) layer ranges: everything is 'pre' without an hourglass."""
+        s = [i for i, v in enumerate(self.shortened) if v]
+        a, b = (s[0], s[-1] + 1) if s else (len(self.shortened),) * 2
+        return range(a), range(a, b), range(b, len(self.shortened))
 
 
 class EfficientBlock(nn.Module):
@@ -130,6 +171,9 @@ class EfficientBlock(nn.Module):
         y = y + self.mlp(self.ln_2(y))
         return self.exit(x, y, self.training)
 
+    def new_cache(self, make_cache, max_len):
+        return make_cache(max_len)
+
 
 class EfficientGPT(GPT):
 
@@ -139,24 +183,23 @@ class EfficientGPT(GPT):
         if config.pos_emb == 'rope':  # positions enter through q, k in every attention layer instead
             del self.transformer['wpe']
             self.embed = self.embed_tokens
-        # with rotary positions and every layer local nothing depends on the position count: the model streams
-        self.streams = all(kind == 'local_rope' for kind in self.plan.attn)
 
         # early exit: the exit loss through the shared ln_f and lm_head, and CALM's exit classifiers
         self.exit_heads = ExitHeads(config, self.plan) if config.enable_early_exit else None
         self.exit_losses = self.exit_heads.losses if config.enable_early_exit else no_losses
+        # hourglass and ACT
+        for m in self.modules():  # GPT's init zeroed every bias; h = sigmoid(1) = 0.73: two steps per token at first
+            if isinstance(m, Ponder):
+                nn.init.constant_(m.halt.bias, 1.0)
+        self.pre, self.shortened, self.post = self.plan.runs()
+        self.hourglass = Hourglass(config) if self.shortened else None
+        # rotary positions, every layer local and no hourglass (whose state is sized by block_size): nothing
+        # depends on the position count, so the model streams past block_size
+        self.streams = all(kind == 'local_rope' for kind in self.plan.attn) and self.hourglass is None
 
     def embed_tokens(self, idx, start=0):
         """Token embeddings only (rotary positions): no position table, so no block_size limit. (B, T, C)"""
         return self.transformer.drop(self.transformer.wte(idx))
-
-    def new_cache(self, batch_size, device=None, dtype=None, rollback=0):
-        """One cache per layer, of the kind its attention reads (CACHE registry): full for full attention,
-        rolling for local layers. rollback: positions a rolling cache must be able to take back on top
-        of one (speculative decoding's draft length)."""
-        p = self.lm_head.weight
-        return [CACHE[kind](self.config, batch_size, device or p.device, dtype or p.dtype, rollback)
-                for kind in self.plan.attn]
 
     def next_logits(self, idx, cache=None):
         """A streaming model (rotary positions, every layer local) sees no block_size limit: the cache keeps
@@ -169,7 +212,47 @@ class EfficientGPT(GPT):
         return logits[:, -1, :]
 
     def make_block(self, layer):
-        return EfficientBlock(self.config, self.plan, layer)
+        block = EfficientBlock(self.config, self.plan, layer)
+        return Ponder(block, self.config) if self.plan.ponder[layer] else block
+
+    def run_layers(self, x, cache=None):
+        """The blocks in order; with an hourglass the shortened run sits between the pre and post runs."""
+        h, caches = self.transformer.h, cache or [None] * (len(self.transformer.h) + 1)
+        for i in self.pre:
+            x = h[i](x, caches[i])
+        if self.hourglass is not None:
+            s = slice(self.shortened.start, self.shortened.stop)
+            x = self.hourglass(x, h[s], caches[s], caches[-1])
+        for i in self.post:
+            x = h[i](x, caches[i])
+        return x
+
+    def new_cache(self, batch_size, device=None, dtype=None, rollback=0):
+        """One cache per layer, of the kind its attention reads (CACHE registry: a RollingKVCache for local
+        layers, else a KVCache; the shortened layers' hold block_size / k positions; a pondering layer's
+        is one per step), then, with an hourglass, its HourglassState. rollback: positions a rolling
+        cache must be able to take back beyond one (speculative decoding's draft length)."""
+        c, p = self.config, self.lm_head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+
+        def cache_maker(kind):
+            return lambda max_len: CACHE[kind](c, batch_size, max_len, device, dtype, rollback)
+
+        short_len = groups_closed(c.block_size, c.hierarchy_factor)
+        caches = [block.new_cache(cache_maker(kind), short_len if shortened else c.block_size)
+                  for block, kind, shortened in zip(self.transformer.h, self.plan.attn, self.plan.shortened)]
+        if self.hourglass is not None:
+            caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype))
+        return caches
+
+    def truncate_cache(self, cache, n):
+        """Roll a cache from new_cache back to its first n positions (the shortened layers' caches to
+        the groups closed by then), e.g. after rejected speculative tokens."""
+        k = self.config.hierarchy_factor
+        for i, c in enumerate(cache[:self.config.n_layer]):
+            c.truncate(groups_closed(n, k) if self.plan.shortened[i] else n)
+        for c in cache[self.config.n_layer:]:  # the HourglassState
+            c.truncate(n)
 
     def forward(self, idx, targets=None, cache=None):
         logits, loss = super().forward(idx, targets, cache)

@@ -371,4 +371,5 @@ elif master_process and final_eval_windows != 0 and not stop_requested:
     if not eval_only:
         write_checkpoint(final_val_loss=val)
 if ddp:
+    torch.distributed.barrier()  # leave together: a rank that tears down while rank 0 still evaluates can abort
     destroy_process_group()

@@ -122,8 +122,9 @@ def test_bench_tiny_random_model_json(tmp_path):
     report = json.loads((tmp_path / 'bench.json').read_text())
     for key in ('device', 'dtype', 'threads', 'torch', 'compile', 'params', 'block_size', 'new_tokens', 'batch'):
         assert key in report['setup'], key
-    skipped = ('exit_full', 'early_exit', 'speculative', 'exit_costs',  # early-exit checkpoints only
-               'local_train_step', 'local_decode', 'local_stream')  # local-attention checkpoints only
+    skipped = ('exit_full', 'early_exit', 'speculative', 'exit_costs', 'against_baseline', 'hourglass', 'pondering',
+               'local_train_step', 'local_decode', 'local_stream')
+    # they need an early-exit checkpoint, --baseline, or a local-attention checkpoint
     assert list(report['rows']) == [r for r in ROWS if r not in skipped]
     for row in ('decode', 'decode_batch', 'past_block'):
         figures = report['rows'][row]
