@@ -13,7 +13,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,8 +25,9 @@ from configurator import configure_or_exit
 from early_exit import CRITERIA, EarlyExitDecoder, exit_logits
 from efficient_modules import MoEMLP, TopKMLP, ffn_flops_per_token, set_topk_gather
 from evaluate import bits, decode_consistent_loss, evaluate_loss, fixed_windows, teacher_forced_decode_loss
-from model import GPT, MLP, GPTConfig
-from model_efficient import EfficientGPTConfig
+from local_attention import LocalSelfAttention
+from model import GPT, MLP, CausalSelfAttention, GPTConfig
+from model_efficient import EfficientGPT, EfficientGPTConfig
 from sample import REPO, autocast, fail, pick_device, pick_dtype
 from tokenizer import ensure_prepared
 
@@ -57,6 +58,10 @@ DEFAULTS = dict(
     exit_sweep='max_prob:0.8,0.5,0.3;margin:0.6,0.3,0.1;saturation:0.995,0.99,0.98;learned:0.9,0.8,0.6',  # criterion:thresholds;...
     exit_windows=8,  # decode-consistent val loss over the first exit_windows fixed windows of val.bin
     spec_sweep='1:4,2:4,2:6,3:6',  # self-speculative settings, spec_exit_layer:spec_draft_tokens,...
+    long_T='1024,2048,4096',  # local attention: sequence lengths of the training-step row
+    long_window=128,  # local attention: window of the training-step row
+    long_tokens=16384,  # local attention: tokens of the long decode row (rolling vs full cache)
+    stream_tokens=100000,  # local attention: tokens of the streaming row (rolling cache, past block_size)
 )
 
 
@@ -359,6 +364,125 @@ def memory(b):
     return peak
 
 
+# local attention (issue 5): long-context rows; they run for a model with local attention and skip otherwise
+def full_attention(model, **changes):
+    """model's twin with every layer full attention (and `changes`), holding model's weights: rotary
+    positions have no table, so the state dicts match at any block_size."""
+    local_keys = ('enable_local_attention', 'local_attention_window', 'global_layers', 'attention_sinks')
+    off = {f.name: f.default for f in fields(EfficientGPTConfig) if f.name in local_keys}
+    twin = EfficientGPT(replace(model.config, **off, **changes)).to(model.lm_head.weight.device).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def layer_step(layer, x):
+    """forward + backward of one layer on x (B, T, C) against a fixed output gradient"""
+    def step():
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+    return step
+
+
+def local_train_step(b):
+    """training step (forward + backward), batch 1, local (window long_window) vs full attention at each
+    T of long_T: one attention layer (learned positions), then the whole model (rotary), random weights"""
+    c = b.model.config
+    if not getattr(c, 'enable_local_attention', False):
+        return None
+    figures = dict(window=b.long_window)
+    with torch.enable_grad():
+        for T in (int(t) for t in b.long_T.split(',')):
+            cfg = replace(c, block_size=T, local_attention_window=b.long_window, pos_emb='rope', global_layers='none',
+                          attention_sinks=0, dropout=0.0)
+            layer = CausalSelfAttention(cfg).to(b.device)
+            local = LocalSelfAttention(cfg, rope=False).to(b.device)
+            local.load_state_dict(layer.state_dict())
+            x = torch.randn(1, T, c.n_embd, device=b.device, requires_grad=True)
+            _, _, t = time_pair(layer_step(local, x), layer_step(layer, x), b.runs, T, b.sync)
+            figures.update({f'layer_T{T}_local_tok_s': t['a'], f'layer_T{T}_full_tok_s': t['b'],
+                            f'layer_T{T}_ratio': t['ratio']})
+            model = EfficientGPT(cfg).to(b.device).train()
+            idx = torch.randint(c.vocab_size, (1, T), device=b.device)
+            _, _, t = time_pair(train_step(model, idx), train_step(full_attention(model).train(), idx), b.runs, T,
+                                b.sync)
+            figures.update({f'model_T{T}_local_tok_s': t['a'], f'model_T{T}_full_tok_s': t['b'],
+                            f'model_T{T}_ratio': t['ratio']})
+    return figures
+
+
+def stream(model, cache, tok, n):
+    """n greedy tokens after tok (B, 1), fed one at a time into cache; returns the last. Only the newest
+    token enters the model, so the loop's own cost does not grow with the context (generate's idx does)."""
+    for _ in range(n):
+        logits, _ = model(tok, cache=cache)
+        tok = logits[:, -1].argmax(dim=-1, keepdim=True)
+    return tok
+
+
+def timed_stream(model, cache, tok, n, sync):
+    """stream() timed two ways: wall-clock tok/s, and tok/s of this process's CPU time, which neighbours
+    on a shared machine disturb far less (so it shows whether the work per token grows)"""
+    wall, cpu = time.perf_counter(), time.process_time()
+    tok = stream(model, cache, tok, n)
+    sync()
+    return tok, n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+
+
+def rss_bytes():
+    """resident memory of the process now (Linux; None elsewhere)"""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except OSError:
+        return None
+
+
+def local_decode(b):
+    """decode tok/s, batch 1, over the first and the last 1k of long_tokens generated tokens: the rolling
+    cache vs the same weights with full attention and a full cache (block_size long_tokens), alternating
+    A B A B over 1k-token windows"""
+    if not getattr(b.model, 'streams', False):
+        return None
+    n, window = b.long_tokens, 1024
+    full = full_attention(b.model, block_size=n + 1)
+    models, caches, toks = (b.model, full), (b.model.new_cache(1), full.new_cache(1)), [b.prompt[:1]] * 2
+    wall, cpu = ([], []), ([], [])
+    for _ in range(n // window):
+        for i in (0, 1):
+            toks[i], rate, cpu_rate = timed_stream(models[i], caches[i], toks[i], window, b.sync)
+            wall[i].append(rate)
+            cpu[i].append(cpu_rate)
+    return dict(new_tokens=n, rolling_tok_s_first_1k=wall[0][0], full_tok_s_first_1k=wall[1][0],
+                rolling_tok_s_last_1k=wall[0][-1], full_tok_s_last_1k=wall[1][-1],
+                ratio_last_1k=wall[0][-1] / wall[1][-1],
+                rolling_cpu_tok_s_first_1k=cpu[0][0], full_cpu_tok_s_first_1k=cpu[1][0],
+                rolling_cpu_tok_s_last_1k=cpu[0][-1], full_cpu_tok_s_last_1k=cpu[1][-1],
+                rolling_kv_cache_bytes=sum(c.nbytes for c in caches[0]),
+                full_kv_cache_bytes=sum(c.nbytes for c in caches[1]))
+
+
+def local_stream(b):
+    """streaming generation past block_size, batch 1, rolling cache: KV-cache bytes, resident memory and
+    tok/s (wall and CPU time, over the preceding 1k tokens) at 1k, 10k, ... stream_tokens generated tokens"""
+    if not getattr(b.model, 'streams', False):
+        return None
+    cache, tok, window, mark = b.model.new_cache(1), b.prompt[:1], 1000, 1000
+    figures, wall, cpu = dict(new_tokens=b.stream_tokens, block_size=b.model.config.block_size), [], []
+    for done in range(window, b.stream_tokens + 1, window):
+        tok, rate, cpu_rate = timed_stream(b.model, cache, tok, window, b.sync)
+        wall.append(rate)
+        cpu.append(cpu_rate)
+        if done == mark or done == b.stream_tokens:
+            figures.update({f'at_{done}_kv_cache_bytes': sum(c.nbytes for c in cache),
+                            f'at_{done}_rss_bytes': rss_bytes(), f'at_{done}_tok_s': rate,
+                            f'at_{done}_cpu_tok_s': cpu_rate})
+            mark *= 10
+    figures.update(last_over_first=wall[-1] / wall[0], cpu_last_over_first=cpu[-1] / cpu[0],
+                   tok_s_all_1k_windows=stats(wall), cpu_tok_s_all_1k_windows=stats(cpu))
+    return figures
+
+
 # --- hourglass and ACT rows: the model against --baseline (a model of the same depth) ---------------
 
 def executed_flops_per_token(model, ctx, ponder_steps):
@@ -491,7 +615,8 @@ def pondering(b):
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
                                 exit_full, early_exit, speculative, exit_costs, against_baseline, hourglass,
-                                pondering, sparse_decode, sparse_compute, sparse_quality, mlp_micro, memory)}
+                                pondering, sparse_decode, sparse_compute, sparse_quality, mlp_micro,
+                                local_train_step, local_decode, local_stream, memory)}
 
 
 def fmt(key, v):
@@ -539,6 +664,8 @@ def main():
     g = torch.Generator().manual_seed(config['seed'])
     b = SimpleNamespace(
         model=model, device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],
+        long_T=config['long_T'], long_window=config['long_window'], long_tokens=config['long_tokens'],
+        stream_tokens=config['stream_tokens'],
         val_data=config['val_data'], val_windows=config['val_windows'],
         baseline=baseline if early_exit_model else None, baseline_model=baseline, baseline_path=config['baseline'],
         train_batch=config['train_batch'], exit_windows=config['exit_windows'], seed=config['seed'],

@@ -10,14 +10,25 @@ import torch
 import torch.nn as nn
 
 from early_exit import CRITERIA, DECODE, ExitHeads, ExitPoint, keep_output, no_losses
-from efficient_modules import ATTN, FFN, Ponder
+from efficient_modules import ATTN, CACHE, FFN, Ponder
 from hierarchical_modules import Hourglass, HourglassState, groups_closed
-from model import GPT, GPTConfig, KVCache, LayerNorm
+from model import GPT, GPTConfig, LayerNorm
 
 
 @dataclass
 class EfficientGPTConfig(GPTConfig):
     # Each mechanism adds its group of fields here, off by default; conflicts go in __post_init__.
+
+    # local attention (mechanism 5): the query at position t attends to itself and the w-1 positions before
+    # it (t-w+1 .. t); O(T·w) training and a rolling KV cache of w entries at decode
+    enable_local_attention: bool = False
+    local_attention_window: int = 128  # w
+    global_layers: str = 'none'  # layers kept full attention, an expand_layers pattern ('every:3', '0,5'); rest local
+    attention_sinks: int = 0  # the first s positions stay visible to every local query (StreamingLLM); 0: none
+    # positions: 'learned' (nanoGPT's wpe table, block_size positions) or 'rope' (rotary q, k; no wpe). With rope
+    # and every layer local, generation continues past block_size at constant memory
+    pos_emb: str = 'learned'
+    rope_base: float = 10000.0
 
     # early exit (CALM, LayerSkip): shallow layers answer easy tokens at decode; see early_exit.py
     enable_early_exit: bool = False
@@ -53,6 +64,7 @@ class EfficientGPTConfig(GPTConfig):
     moe_layers: str = 'all'  # which layers are MoE MLPs
 
     def __post_init__(self):
+        self.check_local_attention()
         self.check_hierarchy_and_act()
         self.check_sparse_and_routing()
         if self.enable_early_exit:
@@ -65,6 +77,24 @@ class EfficientGPTConfig(GPTConfig):
             if not 0 <= self.spec_exit_layer < self.n_layer or self.spec_draft_tokens < 1:
                 raise ValueError(f"spec_exit_layer must be in [0, n_layer={self.n_layer}) (0: n_layer // 2) "
                                  f"and spec_draft_tokens >= 1")
+
+    def check_local_attention(self):
+        if self.pos_emb not in ('learned', 'rope'):
+            raise ValueError(f"pos_emb must be 'learned' or 'rope', not {self.pos_emb!r}")
+        if self.pos_emb == 'rope' and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_emb='rope' needs an even head size, not n_embd/n_head = "
+                             f"{self.n_embd // self.n_head}")
+        if self.rope_base <= 0:
+            raise ValueError(f"rope_base must be > 0, not {self.rope_base}")
+        if self.local_attention_window < 1:
+            raise ValueError(f"local_attention_window must be >= 1, not {self.local_attention_window}")
+        if self.attention_sinks < 0:
+            raise ValueError(f"attention_sinks must be >= 0, not {self.attention_sinks}")
+        if self.enable_local_attention:
+            expand_layers(self.global_layers, self.n_layer)  # raises on a bad pattern
+        elif self.attention_sinks or self.global_layers != 'none' or self.local_attention_window != 128:
+            raise ValueError("local_attention_window, global_layers and attention_sinks need "
+                             "enable_local_attention=True")
 
     def check_hierarchy_and_act(self):
         if self.hierarchy_factor < 1:
@@ -140,13 +170,16 @@ class LayerPlan:
     def from_config(cls, config):
         L = config.n_layer
         off = (False,) * L
+        full = expand_layers(config.global_layers, L) if config.enable_local_attention else (True,) * L
+        positions = '_rope' if config.pos_emb == 'rope' else ''
+        attn = tuple(('full' if is_full else 'local') + positions for is_full in full)
         exits = expand_layers(config.exit_layers, L)[:-1] + (False,) if config.enable_early_exit else off
         shortened = expand_layers(config.hierarchy_layers, L) if config.enable_hierarchical else off
         ponder = expand_layers(config.act_layers, L) if config.enable_adaptive_compute else off
         sparse = expand_layers(config.sparse_layers, L) if config.enable_sparse_activation else off
         moe = expand_layers(config.moe_layers, L) if config.enable_dynamic_routing else off
         ffn = tuple('moe' if moe[i] else 'topk' if sparse[i] else 'dense' for i in range(L))
-        return cls(attn=('full',) * L, ffn=ffn, exit=exits, shortened=shortened, ponder=ponder)
+        return cls(attn=attn, ffn=ffn, exit=exits, shortened=shortened, ponder=ponder)
 
     def runs(self):
         """(pre, shortened, post) layer ranges: everything is 'pre' without an hourglass."""
@@ -181,6 +214,9 @@ class EfficientGPT(GPT):
     def __init__(self, config):
         self.plan = LayerPlan.from_config(config)  # read by make_block during GPT.__init__
         super().__init__(config)
+        if config.pos_emb == 'rope':  # positions enter through q, k in every attention layer instead
+            del self.transformer['wpe']
+            self.embed = self.embed_tokens
 
         # early exit: the exit loss through the shared ln_f and lm_head, and CALM's exit classifiers
         self.exit_heads = ExitHeads(config, self.plan) if config.enable_early_exit else None
@@ -191,6 +227,23 @@ class EfficientGPT(GPT):
                 nn.init.constant_(m.halt.bias, 1.0)
         self.pre, self.shortened, self.post = self.plan.runs()
         self.hourglass = Hourglass(config) if self.shortened else None
+        # rotary positions, every layer local and no hourglass (whose state is sized by block_size): nothing
+        # depends on the position count, so the model streams past block_size
+        self.streams = all(kind == 'local_rope' for kind in self.plan.attn) and self.hourglass is None
+
+    def embed_tokens(self, idx, start=0):
+        """Token embeddings only (rotary positions): no position table, so no block_size limit. (B, T, C)"""
+        return self.transformer.drop(self.transformer.wte(idx))
+
+    def next_logits(self, idx, cache=None):
+        """A streaming model (rotary positions, every layer local) sees no block_size limit: the cache keeps
+        rolling past it with no re-prefill, and the reference path recomputes the whole context (its
+        windows and absolute positions are what the cache holds). Any other model crops at block_size,
+        like the baseline: a full-attention layer's cache would grow, and learned positions end there."""
+        if not self.streams:
+            return super().next_logits(idx, cache)
+        logits, _ = self(idx if cache is None else idx[:, cache[0].len:], cache=cache)
+        return logits[:, -1, :]
 
     def make_block(self, layer):
         block = EfficientBlock(self.config, self.plan, layer)
@@ -208,18 +261,20 @@ class EfficientGPT(GPT):
             x = h[i](x, caches[i])
         return x
 
-    def new_cache(self, batch_size, device=None, dtype=None):
-        """One cache per layer (a KVCache; the shortened layers' hold block_size / k positions; a
-        pondering layer's is one KVCache per step), then, with an hourglass, its HourglassState."""
+    def new_cache(self, batch_size, device=None, dtype=None, rollback=0):
+        """One cache per layer, of the kind its attention reads (CACHE registry: a RollingKVCache for local
+        layers, else a KVCache; the shortened layers' hold block_size / k positions; a pondering layer's
+        is one per step), then, with an hourglass, its HourglassState. rollback: positions a rolling
+        cache must be able to take back beyond one (speculative decoding's draft length)."""
         c, p = self.config, self.lm_head.weight
         device, dtype = device or p.device, dtype or p.dtype
 
-        def make_cache(max_len):
-            return KVCache(batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype)
+        def cache_maker(kind):
+            return lambda max_len: CACHE[kind](c, batch_size, max_len, device, dtype, rollback)
 
         short_len = groups_closed(c.block_size, c.hierarchy_factor)
-        caches = [block.new_cache(make_cache, short_len if self.plan.shortened[i] else c.block_size)
-                  for i, block in enumerate(self.transformer.h)]
+        caches = [block.new_cache(cache_maker(kind), short_len if shortened else c.block_size)
+                  for block, kind, shortened in zip(self.transformer.h, self.plan.attn, self.plan.shortened)]
         if self.hourglass is not None:
             caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype))
         return caches

@@ -123,8 +123,10 @@ def test_bench_tiny_random_model_json(tmp_path):
     for key in ('device', 'dtype', 'threads', 'torch', 'compile', 'params', 'block_size', 'new_tokens', 'batch'):
         assert key in report['setup'], key
     skipped = ('exit_full', 'early_exit', 'speculative', 'exit_costs', 'against_baseline', 'hourglass', 'pondering',
-               'sparse_decode', 'sparse_compute', 'sparse_quality', 'mlp_micro')
-    assert list(report['rows']) == [r for r in ROWS if r not in skipped]  # they need a mechanism checkpoint or --baseline
+               'sparse_decode', 'sparse_compute', 'sparse_quality', 'mlp_micro',
+               'local_train_step', 'local_decode', 'local_stream')
+    # they need a mechanism checkpoint or --baseline
+    assert list(report['rows']) == [r for r in ROWS if r not in skipped]
     for row in ('decode', 'decode_batch', 'past_block'):
         figures = report['rows'][row]
         assert figures['identical_tokens'] is True

@@ -1,0 +1,216 @@
+"""
+Local (sliding-window) attention, rotary positions and the rolling KV cache (mechanism 5).
+
+Convention: with window w, the query at position t attends to itself and the w-1 positions before it
+(t-w+1 .. t). With s attention sinks (StreamingLLM) positions 0 .. s-1 also stay visible to every query.
+
+- Training does O(T·w) work: queries in chunks of w, each chunk attending to its own and the previous
+  chunk of keys under a band mask (sliding_window_attention; window_attention_reference is its oracle).
+- Decode keeps a RollingKVCache of s + w entries written round-robin, so memory and per-token work stop
+  growing after w tokens.
+- Rotary positions (RoPE, Su et al. 2021) rotate q and k by their absolute position, so scores depend
+  only on the distance between tokens. Keys enter the cache already rotated: a rolling buffer can hold
+  them in any order, since attention is a softmax over a set.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import CausalSelfAttention, attend
+
+try:  # FlexAttention (torch >= 2.5) turns the band into skipped blocks on CUDA
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    flex_attention = None
+
+
+def window_mask(q_pos, k_pos, window, sinks=0):
+    """Bool mask, True where a query at absolute position q_pos may read a key at k_pos (broadcast).
+    Keys at negative positions are empty slots."""
+    return (k_pos >= 0) & (k_pos <= q_pos) & ((q_pos - k_pos < window) | (k_pos < sinks))
+
+
+def window_attention_reference(q, k, v, window, sinks=0, dropout_p=0.0):
+    """The oracle: dense attention over all T keys with the band mask, O(T²) work. (B, nh, T, hs)"""
+    pos = torch.arange(q.size(2), device=q.device)
+    mask = window_mask(pos[:, None], pos[None, :], window, sinks)  # (T, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def sliding_window_attention(q, k, v, window, sinks=0, dropout_p=0.0):
+    """Causal attention of T queries over T keys, each query seeing the last `window` keys (and the sinks),
+    computing only T·(2w + s) scores instead of T²/2. (B, nh, T, hs)"""
+    B, nh, T, hs = q.size()
+    if q.is_cuda and flex_attention is not None and dropout_p == 0.0:
+        return flex_window_attention(q, k, v, window, sinks)
+    if T <= 2 * window:
+        # one or two chunks: the blocked form would compute as many scores as this dense masked call
+        return window_attention_reference(q, k, v, window, sinks, dropout_p)
+    w, n = window, math.ceil(T / window)
+    pad = n * w - T  # the padded tail queries are dropped at the end; causality hides their keys
+
+    def chunks(t):  # (B, nh, T, hs) -> (B·nh, n, w, hs): chunk c holds positions cw .. cw+w-1
+        return F.pad(t, (0, 0, 0, pad)).reshape(B * nh, n, w, hs)
+
+    def with_previous(t):  # chunk c's keys: positions (c-1)w .. (c+1)w-1, empty slots before chunk 0
+        t = chunks(t)
+        return torch.cat([F.pad(t, (0, 0, 0, 0, 1, 0))[:, :n], t], dim=2)  # (B·nh, n, 2w, hs)
+
+    qb, kb, vb = chunks(q), with_previous(k), with_previous(v)
+    q_pos = torch.arange(n * w, device=q.device).view(n, w, 1)
+    k_pos = torch.arange(-w, w, device=q.device) + w * torch.arange(n, device=q.device).view(n, 1, 1)  # (n, 1, 2w)
+    mask = window_mask(q_pos, k_pos, window)  # (n, w, 2w)
+    if sinks:
+        # the sinks as extra keys of every chunk, visible only where the band does not already hold them
+        sink_pos = torch.arange(sinks, device=q.device)
+        kb = torch.cat([k[:, :, None, :sinks].expand(B, nh, n, sinks, hs).reshape(B * nh, n, sinks, hs), kb], dim=2)
+        vb = torch.cat([v[:, :, None, :sinks].expand(B, nh, n, sinks, hs).reshape(B * nh, n, sinks, hs), vb], dim=2)
+        mask = torch.cat([(q_pos - sink_pos >= w).expand(n, w, sinks), mask], dim=2)  # (n, w, s+2w)
+    # chunks stand where SDPA expects heads, so the mask is (1, n, w, S): the shape CPU flash attention takes
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[None], dropout_p=dropout_p)  # (B·nh, n, w, hs)
+    return y.view(B, nh, n * w, hs)[:, :, :T]
+
+
+def flex_window_attention(q, k, v, window, sinks=0):
+    """CUDA path: FlexAttention skips the blocks outside the band (fast under torch.compile). The same
+    mask as window_mask; the CPU tests run it in eager mode against the band reference."""
+    def keep(b, h, qi, ki):
+        return (ki <= qi) & ((qi - ki < window) | (ki < sinks))
+    T = q.size(2)
+    block_mask = create_block_mask(keep, None, None, T, T, device=q.device)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (GPT-NeoX layout: the two halves of each head are the pairs rotated)."""
+
+    def __init__(self, head_size, base=10000.0):
+        super().__init__()
+        assert head_size % 2 == 0, "rotary positions need an even head size"
+        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+        self.register_buffer('inv_freq', inv_freq, persistent=False)  # derived, so not in checkpoints
+
+    def rotate(self, x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+    def forward(self, q, k, start=0):
+        """q, k (B, nh, T, hs) at absolute positions start .. start+T-1, rotated."""
+        pos = torch.arange(start, start + q.size(2), device=q.device, dtype=torch.float32)
+        angles = pos[:, None] * self.inv_freq[None, :]  # (T, hs/2)
+        cos, sin = angles.cos(), angles.sin()
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+
+
+def learned_positions(q, k, start=0):
+    """With learned position embeddings (added at the input) attention leaves q and k as they are."""
+    return q, k
+
+
+class RotarySelfAttention(CausalSelfAttention):
+    """Full causal attention with rotary positions; reads a full KVCache. Same parameters as the baseline."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rotate = Rotary(config.n_embd // config.n_head, config.rope_base)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = map(self.heads, self.c_attn(x).split(self.n_embd, dim=2))  # (B, nh, T, hs)
+        q, k = self.rotate(q, k, cache.len if cache is not None else 0)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nh, S, hs)
+        y = attend(q, k, v, self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class LocalSelfAttention(CausalSelfAttention):
+    """Sliding-window causal attention (learned or rotary positions); reads a RollingKVCache.
+    Same parameters as the baseline (c_attn, c_proj), so baseline weights load into it."""
+
+    def __init__(self, config, rope):
+        super().__init__(config)
+        self.window = config.local_attention_window
+        self.sinks = config.attention_sinks
+        self.rotate = Rotary(config.n_embd // config.n_head, config.rope_base) if rope else learned_positions
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        dropout_p = self.attn_dropout if self.training else 0.0
+        q, k, v = map(self.heads, self.c_attn(x).split(self.n_embd, dim=2))  # (B, nh, T, hs)
+        if cache is None:  # training / reference: positions 0 .. T-1
+            q, k = self.rotate(q, k, 0)
+            y = sliding_window_attention(q, k, v, self.window, self.sinks, dropout_p)
+        else:
+            q, k = self.rotate(q, k, cache.len)  # cache.len: absolute positions seen so far
+            k, v, mask = cache.update(k, v)  # (B, nh, S, hs), (T, S): S = the cache's slots (+ T when T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class RollingKVCache:
+    """Keys and values of one local attention layer: the s sinks plus the last w (+ rollback) positions,
+    in a fixed buffer written round-robin, so its memory stops growing after w positions.
+    Same interface as model.KVCache, except that update() also returns the (T, S) visibility mask.
+    Position p >= s lives in slot s + (p - s) % (w + rollback); slot_pos records which position each
+    slot holds (-1: empty), and the mask is computed from it, so slot order never matters."""
+
+    def __init__(self, batch_size, n_head, window, head_size, sinks=0, rollback=0, device=None, dtype=None):
+        self.window, self.sinks, self.ring = window, sinks, window + rollback
+        shape = (batch_size, n_head, sinks + self.ring, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slot_pos = torch.full((sinks + self.ring,), -1, dtype=torch.long, device=device)
+        self.len = 0  # absolute positions seen (rotary positions continue from here)
+
+    def write(self, k, v, pos):
+        # several positions at once; of a prefill longer than the ring only the sinks and the last `ring` stay
+        keep = (pos < self.sinks) | (pos > pos[-1] - self.ring)  # (T,)
+        pos = pos[keep]
+        slots = torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.ring)
+        self.k[:, :, slots] = k[:, :, keep]
+        self.v[:, :, slots] = v[:, :, keep]
+        self.slot_pos[slots] = pos
+
+    def update(self, k, v):
+        # k, v: (B, nh, T, hs) for positions len .. len+T-1
+        T = k.size(2)
+        pos = torch.arange(self.len, self.len + T, device=self.slot_pos.device)
+        if T == 1:  # the slot overwritten held a position that has left the window: write, then read
+            slot = self.len if self.len < self.sinks else self.sinks + (self.len - self.sinks) % self.ring
+            self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, 0], v[:, :, 0], self.len
+            keys, values, key_pos = self.k, self.v, self.slot_pos
+        else:  # earlier queries of this chunk may need keys that the chunk overwrites: read, then write
+            keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, nh, s+ring+T, hs)
+            key_pos = torch.cat([self.slot_pos, pos])
+            self.write(k, v, pos)
+        self.len += T
+        return keys, values, window_mask(pos[:, None], key_pos[None, :], self.window, self.sinks)
+
+    def truncate(self, n):
+        """Forget every position from n on (speculative rollback). Only positions still held can come
+        back into view: rolling back more than `rollback` positions past a full ring is refused."""
+        if n >= self.len:
+            return
+        oldest_needed = max(self.sinks, n - self.window + 1)  # the next query's window: n-w+1 .. n
+        oldest_held = max(self.sinks, self.len - self.ring)
+        if n > self.sinks and oldest_needed < oldest_held:
+            raise ValueError(f"cannot roll back from {self.len} to {n} positions: a full rolling cache takes back "
+                             f"at most {self.ring - self.window + 1}; build it with new_cache(rollback=...) for more")
+        self.slot_pos[self.slot_pos >= n] = -1
+        self.len = n
+
+    def reset(self):
+        self.slot_pos.fill_(-1)
+        self.len = 0
+
+    @property
+    def nbytes(self):
+        """Bytes of the keys and values held (at most s + w + rollback positions)."""
+        held = int((self.slot_pos >= 0).sum())
+        return 2 * held * self.k[:, :, :1].nelement() * self.k.element_size()
