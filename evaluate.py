@@ -22,17 +22,23 @@ def fixed_windows(data, block_size, max_windows=None):
     return np.arange(n) * block_size
 
 
+def window_batches(data, block_size, batch_size, max_windows, device):
+    """Inputs and targets (B, block_size) of the fixed windows, batch_size windows at a time."""
+    starts = fixed_windows(data, block_size, max_windows)
+    for i in range(0, len(starts), batch_size):
+        s = starts[i:i + batch_size]
+        x = torch.from_numpy(np.stack([data[j:j + block_size] for j in s]).astype(np.int64)).to(device)
+        y = torch.from_numpy(np.stack([data[j + 1:j + 1 + block_size] for j in s]).astype(np.int64)).to(device)
+        yield x, y
+
+
 @torch.no_grad()
 def evaluate_loss(model, data, block_size, batch_size=16, max_windows=None, device='cpu', ctx=None):
     """Mean cross-entropy in nats per token over the fixed windows of data (a 1-D uint16 array)."""
     was_training = model.training
     model.eval()
-    starts = fixed_windows(data, block_size, max_windows)
     total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        s = starts[i:i + batch_size]
-        x = torch.from_numpy(np.stack([data[j:j + block_size] for j in s]).astype(np.int64)).to(device)
-        y = torch.from_numpy(np.stack([data[j + 1:j + 1 + block_size] for j in s]).astype(np.int64)).to(device)
+    for x, y in window_batches(data, block_size, batch_size, max_windows, device):
         with ctx or nullcontext():
             _, loss = model(x, y)
         total += loss.item() * y.numel()
@@ -56,13 +62,9 @@ def teacher_forced_decode_loss(model, data, block_size, batch_size=16, max_windo
     Returns (mean nats per token, tokens scored)."""
     was_training = model.training
     model.eval()
-    starts = fixed_windows(data, block_size, max_windows)
     total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        s = starts[i:i + batch_size]
-        x = torch.from_numpy(np.stack([data[j:j + block_size] for j in s]).astype(np.int64)).to(device)
-        y = torch.from_numpy(np.stack([data[j + 1:j + 1 + block_size] for j in s]).astype(np.int64)).to(device)
-        cache = model.new_cache(len(s))
+    for x, y in window_batches(data, block_size, batch_size, max_windows, device):
+        cache = model.new_cache(x.size(0))
         for t in range(block_size):
             with ctx or nullcontext():
                 logits, _ = model(x[:, t:t + 1], cache=cache)  # (B, 1, vocab)

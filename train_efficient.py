@@ -370,6 +370,13 @@ elif master_process and final_eval_windows != 0 and not stop_requested:
     print(f"final val loss over {n} fixed windows of {block_size} tokens: {val:.4f} nats/token ({bits(val):.4f} bits/token)")
     if not eval_only:
         write_checkpoint(final_val_loss=val)
+if wandb_log and master_process:
+    wandb.finish()
 if ddp:
     torch.distributed.barrier()  # leave together: a rank that tears down while rank 0 still evaluates can abort
     destroy_process_group()
+    # torch 2.13's gloo can abort in interpreter teardown ("terminate called without an active exception") after
+    # all work is done and saved, turning a finished run into exit status -6 under load; skip the teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
