@@ -112,6 +112,9 @@ class EfficientGPTConfig(GPTConfig):
         if self.enable_early_exit and (self.enable_hierarchical or self.enable_adaptive_compute):
             raise ValueError("enable_early_exit does not combine with enable_hierarchical or enable_adaptive_compute "
                              "yet: the early-exit decode engines run the layers one by one at full resolution")
+        if self.enable_early_exit and (self.enable_local_attention or self.pos_emb == 'rope'):
+            raise ValueError("enable_early_exit does not combine with local attention or rope yet: its K/V propagation "
+                             "writes plain full caches without rotary positions")
 
     def check_sparse_and_routing(self):
         if not 0 < self.sparsity_ratio <= 1:
