@@ -197,12 +197,17 @@ def early_exit(b):
                             lambda: b.baseline.generate(prompt, n, temperature=0), b.runs, n, b.sync)
         q = decode_consistent_loss(m, data, T, b.exit_windows, device=b.device)
         out[f'{criterion}@{threshold}'] = dict(
-            tok_s=t['a']['median'], ratio=t['ratio']['median'], ratio_min=t['ratio']['min'],
-            ratio_max=t['ratio']['max'], val_loss=q['loss'], loss_delta=(q['loss'] - base) / base,
+            **sweep_speed(t), val_loss=q['loss'], loss_delta=(q['loss'] - base) / base,
             val_exit_layer=q['mean_exit_layer'], gen_exit_layer=stats['mean_exit_layer'],
             flops_per_token=stats['flops_per_token'])
     m.config.exit_criterion, m.config.exit_threshold = kept
     return out
+
+
+def sweep_speed(t):
+    """The speed figures of one sweep setting from time_pair's stats: A's median tok/s and the A/B ratio."""
+    r = t['ratio']
+    return dict(tok_s=t['a']['median'], ratio=r['median'], ratio_min=r['min'], ratio_max=r['max'])
 
 
 def speculative(b):
@@ -218,8 +223,7 @@ def speculative(b):
         spec, full, t = time_pair(lambda: m.generate(prompt, n, temperature=0, decode='speculative', stats=stats),
                                   lambda: m.generate(prompt, n, temperature=0), b.runs, n, b.sync)
         out[f'draft {layers} layers x {tokens}'] = dict(
-            tok_s=t['a']['median'], full_tok_s=t['b']['median'], ratio=t['ratio']['median'],
-            ratio_min=t['ratio']['min'], ratio_max=t['ratio']['max'], identical_tokens=torch.equal(spec, full),
+            **sweep_speed(t), full_tok_s=t['b']['median'], identical_tokens=torch.equal(spec, full),
             acceptance_rate=stats['acceptance_rate'], tokens_per_pass=stats['tokens_per_pass'],
             flops_per_token=stats['flops_per_token'])
     m.config.spec_exit_layer, m.config.spec_draft_tokens = kept
