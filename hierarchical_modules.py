@@ -30,28 +30,58 @@ from torch.nn import functional as F
 
 class HourglassState:
     """What the hourglass keeps between decode calls besides the shortened layers' KV caches: the
-    pre-shortening states of every position (pooling reads the last k of them) and the upsampled
-    output of every group computed so far (a token reads its group's). Keeping the history rather
-    than a k-long buffer makes truncate(n) exact."""
+    pre-shortening states of recent positions (pooling reads the last k of them) and the upsampled
+    output of recent groups (a token reads its group's). Position p is stored at index p - offset; when
+    the buffers fill, only the last `keep` positions (whole groups, at least k + rollback) move to the
+    front, so memory stays flat however far generation streams, and truncate(n) stays exact within them."""
 
-    def __init__(self, batch_size, max_len, k, n_embd, device=None, dtype=None):
+    def __init__(self, batch_size, capacity, k, n_embd, device=None, dtype=None, rollback=0):
         self.k = k
-        self.x = torch.zeros(batch_size, max_len, n_embd, device=device, dtype=dtype)  # pre-shortening states
-        self.up = torch.zeros(batch_size, math.ceil(max_len / k) * k, n_embd, device=device, dtype=dtype)
-        self.len = 0  # positions held
+        self.keep = k * math.ceil((k + rollback) / k)
+        capacity = k * math.ceil(max(capacity, 2 * self.keep) / k)
+        self.x = torch.zeros(batch_size, capacity, n_embd, device=device, dtype=dtype)  # pre-shortening states
+        self.up = torch.zeros(batch_size, capacity + k, n_embd, device=device, dtype=dtype)  # + a group that closes last
+        self.len = 0  # positions seen
+        self.offset = 0  # the position held at index 0, a multiple of k
 
     def reset(self):
-        self.len = 0
+        self.len = self.offset = 0
 
     def truncate(self, n):
-        # exact: the history keeps what positions n-k+1 .. n-1 pooled and what group (n-1)//k output;
-        # EfficientGPT.truncate_cache rolls the shortened layers' caches back with it
-        self.len = min(self.len, n)
+        # exact while the positions n-k+1 .. n-1 (pooled by the next group, and the group token n reads) are held
+        if n >= self.len:
+            return
+        if n - self.k + 1 < self.offset and self.offset > 0:
+            raise ValueError(f"cannot roll the hourglass back from {self.len} to {n} positions: it holds "
+                             f"positions {self.offset} on; build it with new_cache(rollback=...) for more")
+        self.len = n
+
+    def append(self, x):
+        """Store x (B, T, C) as positions len .. len+T-1; returns the states held (B, len+T-offset, C)."""
+        T, start = x.size(1), self.len
+        if start + T - self.offset > self.x.size(1):
+            self.make_room(start, T)
+        self.x[:, start - self.offset:start + T - self.offset] = x
+        self.len = start + T
+        return self.x[:, :self.len - self.offset]
+
+    def make_room(self, start, T):
+        # drop whole groups before start - keep; a prompt longer than the buffers grows them
+        offset = max(self.offset, self.k * ((start - self.keep) // self.k))
+        held, shift = start - offset, offset - self.offset
+        self.x[:, :held] = self.x[:, shift:shift + held].clone()
+        self.up[:, :held + self.k] = self.up[:, shift:shift + held + self.k].clone()
+        self.offset = offset
+        if held + T > self.x.size(1):
+            grow = self.k * math.ceil((held + T - self.x.size(1)) / self.k)
+            self.x = torch.cat([self.x, self.x.new_zeros(self.x.size(0), grow, self.x.size(2))], dim=1)
+            self.up = torch.cat([self.up, self.up.new_zeros(self.up.size(0), grow, self.up.size(2))], dim=1)
 
     @property
     def nbytes(self):
         groups = math.ceil(self.len / self.k)
-        return (self.len + groups * self.k) * self.x[:, :1].nelement() * self.x.element_size()
+        held = (self.len - self.offset) + (groups * self.k - self.offset)
+        return held * self.x[:, :1].nelement() * self.x.element_size()
 
 
 def groups_closed(n, k):
@@ -70,11 +100,11 @@ class Hourglass(nn.Module):
         # (B, G, C) -> (B, G, k*C): a vector for each of the k tokens that read group j
         self.upsample = nn.Linear(C, self.k * C, bias=config.bias) if self.k > 1 else nn.Identity()
 
-    def shorten(self, x, g0, g1):
-        """Mean-pooled groups g0 .. g1-1 of the full-resolution states x (B, S, C) of positions 0 .. S-1.
-        Group j pools positions jk-k+1 .. jk; the positions before 0 are zeros (the right shift). (B, G, C)"""
+    def shorten(self, x, g0, g1, origin=0):
+        """Mean-pooled groups g0 .. g1-1 of the full-resolution states x (B, S, C) of positions origin ..
+        origin+S-1. Group j pools positions jk-k+1 .. jk; positions before 0 are zeros (the right shift). (B, G, C)"""
         k, B, _, C = self.k, *x.shape
-        first, end = g0 * k - (k - 1), (g1 - 1) * k + 1  # positions pooled, end exclusive
+        first, end = g0 * k - (k - 1) - origin, (g1 - 1) * k + 1 - origin  # indices pooled, end exclusive
         seg = F.pad(x[:, max(first, 0):end], (0, 0, max(-first, 0), 0))  # (B, G*k, C)
         return seg.view(B, g1 - g0, k, C).mean(dim=2)
 
@@ -84,19 +114,16 @@ class Hourglass(nn.Module):
         update of the groups these tokens read."""
         B, T, C = x.shape
         k, start = self.k, state.len if state is not None else 0
-        if state is not None:  # decode: pooling may need positions of earlier calls
-            state.x[:, start:start + T] = x
-            x_hist, state.len = state.x[:, :start + T], start + T
-        else:
-            x_hist = x
+        # decode: pooling may need positions of earlier calls, which the state holds from state.offset on
+        x_hist, origin = (state.append(x), state.offset) if state is not None else (x, 0)
         g0, g1 = groups_closed(start, k), groups_closed(start + T, k)  # groups that close in this call
         if g1 > g0:  # between group boundaries a decode step runs no shortened layer at all
-            s = self.shorten(x_hist, g0, g1)  # (B, G, C)
+            s = self.shorten(x_hist, g0, g1, origin)  # (B, G, C)
             h = s
             for block, cache in zip(blocks, caches):
                 h = block(h, cache)
             up = self.upsample(h - s).view(B, (g1 - g0) * k, C)  # positions g0*k .. g1*k-1
             if state is None:
                 return x + up[:, :T]
-            state.up[:, g0 * k:g1 * k] = up
-        return x + state.up[:, start:start + T]
+            state.up[:, g0 * k - origin:g1 * k - origin] = up
+        return x + state.up[:, start - origin:start + T - origin]

@@ -230,9 +230,9 @@ class EfficientGPT(GPT):
                 nn.init.constant_(m.halt.bias, 1.0)
         self.pre, self.shortened, self.post = self.plan.runs()
         self.hourglass = Hourglass(config) if self.shortened else None
-        # rotary positions, every layer local and no hourglass (whose state is sized by block_size): nothing
-        # depends on the position count, so the model streams past block_size
-        self.streams = all(kind == 'local_rope' for kind in self.plan.attn) and self.hourglass is None
+        # rotary positions and every layer local (the shortened ones too): nothing depends on the position
+        # count, so the model streams past block_size (the hourglass state keeps only its last groups)
+        self.streams = all(kind == 'local_rope' for kind in self.plan.attn)
 
     def embed_tokens(self, idx, start=0):
         """Token embeddings only (rotary positions): no position table, so no block_size limit. (B, T, C)"""
@@ -279,7 +279,7 @@ class EfficientGPT(GPT):
         caches = [block.new_cache(cache_maker(kind), short_len if shortened else c.block_size)
                   for block, kind, shortened in zip(self.transformer.h, self.plan.attn, self.plan.shortened)]
         if self.hourglass is not None:
-            caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype))
+            caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype, rollback))
         return caches
 
     def truncate_cache(self, cache, n):

@@ -243,3 +243,36 @@ def test_bench_rows_against_a_baseline(tmp_path, tiny_args):
     assert act['tokens_scored'] == 3 * 32 and abs(act['decode_consistent_val_loss'] - act['forward_val_loss']) < 1e-4
     assert abs(sum(act['ponder_steps_fractions']) - 1) < 1e-3 and 1 <= act['mean_ponder_steps'] <= 3
     assert 'hard_tokens_mean_steps' in act and act['same_max_compute_layers'] == 4 + 2 * 2
+
+
+@pytest.mark.parametrize('k', [2, 3])
+def test_hourglass_with_rope_and_local_layers_streams_past_block_size(tiny_args, k):
+    """Every layer local with rotary positions, the shortened ones too: generation continues past block_size
+    with no re-prefill, the state moves its last groups to the front as it fills, and every step's logits
+    equal the uncached forward over the whole context."""
+    model = make(tiny_args, enable_hierarchical=True, hierarchy_factor=k, hierarchy_layers='1,2',
+                 pos_emb='rope', enable_local_attention=True, local_attention_window=5)
+    assert model.streams
+    idx = torch.randint(0, 50, (2, 4))
+    cache = model.new_cache(2)
+    capacity = cache[-1].x.size(1)  # block_size 32, rounded up to whole groups
+    with torch.no_grad():
+        for _ in range(80):  # past block_size: the state shifts several times
+            fast = model.next_logits(idx, cache)
+            torch.testing.assert_close(fast, model.next_logits(idx), atol=1e-5, rtol=1e-4)
+            idx = torch.cat([idx, fast.argmax(-1, keepdim=True)], dim=1)
+    state = cache[-1]
+    assert state.offset > 0 and state.x.size(1) == capacity and state.len == idx.size(1) - 1
+    assert state.nbytes <= 2 * (capacity + k) * 2 * 32 * 4  # flat: at most the buffers, whatever the length
+
+
+def test_hourglass_state_truncates_exactly_within_what_it_holds(tiny_args):
+    model = make(tiny_args, **HOURGLASS)
+    x = torch.randint(0, 50, (1, 30))
+    cache = model.new_cache(1, rollback=4)
+    with torch.no_grad():
+        model(x[:, :20], cache=cache)
+        model.truncate_cache(cache, 16)  # back into an open group: positions 15 .. 19 are held
+        steps = [model(x[:, t:t + 1], cache=cache)[0] for t in range(16, 30)]
+        full, _ = model(x, x)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 16:], atol=1e-5, rtol=1e-4)
