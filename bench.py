@@ -147,7 +147,7 @@ def compute(b):
     ctx = (n + 1) / 2  # decoding N tokens feeds positions 0 .. N-1, which attend to 1 .. N positions
     return dict(new_tokens=n, mean_ctx=ctx, dense_flops_per_token=dense_flops_per_token(m, ctx),
                 dense_flops_per_token_full_block=dense_flops_per_token(m, m.config.block_size),
-                kv_cache_positions=cache[0].len, kv_cache_bytes=sum(c.nbytes for c in cache))
+                kv_cache_positions=cache[-1].len, kv_cache_bytes=sum(c.nbytes for c in cache))
 
 
 def val_loss(b):

@@ -85,24 +85,36 @@ def flex_window_attention(q, k, v, window, sinks=0):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (GPT-NeoX layout: the two halves of each head are the pairs rotated)."""
+    """Rotary position embedding (GPT-NeoX layout: the two halves of each head are the pairs rotated).
+    cos and sin of the first block_size positions are tabled (decode rotates every token in every layer,
+    and each op's overhead is what costs); positions past the table, when a model streams, are computed."""
 
-    def __init__(self, head_size, base=10000.0):
+    def __init__(self, head_size, base=10000.0, table_len=0):
         super().__init__()
         assert head_size % 2 == 0, "rotary positions need an even head size"
         inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
-        self.register_buffer('inv_freq', inv_freq, persistent=False)  # derived, so not in checkpoints
+        # derived, so not in checkpoints: (hs/2,), and (table_len, hs) full-width cos and signed sin
+        self.register_buffer('inv_freq', inv_freq, persistent=False)
+        cos, sin = self.angles(torch.arange(table_len, dtype=torch.float32))
+        self.register_buffer('cos', cos, persistent=False)
+        self.register_buffer('sin', sin, persistent=False)
 
-    def rotate(self, x, cos, sin):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+    def angles(self, pos):
+        """cos and signed sin (T, hs) of positions pos (T,): x·cos + swap_halves(x)·sin rotates x."""
+        angles = torch.outer(pos, self.inv_freq)  # (T, hs/2)
+        return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles, angles], dim=-1).sin()
 
     def forward(self, q, k, start=0):
-        """q, k (B, nh, T, hs) at absolute positions start .. start+T-1, rotated."""
-        pos = torch.arange(start, start + q.size(2), device=q.device, dtype=torch.float32)
-        angles = pos[:, None] * self.inv_freq[None, :]  # (T, hs/2)
-        cos, sin = angles.cos(), angles.sin()
-        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        """q, k (B, nh, T, hs) at absolute positions start .. start+T-1, rotated together."""
+        T = q.size(2)
+        if start + T <= self.cos.size(0):
+            cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        else:
+            cos, sin = self.angles(torch.arange(start, start + T, device=q.device, dtype=torch.float32))
+        qk = torch.cat([q, k], dim=1)  # (B, 2·nh, T, hs)
+        x1, x2 = qk.chunk(2, dim=-1)
+        qk = qk * cos + torch.cat([x2, x1], dim=-1) * sin
+        return qk.type_as(q).split(q.size(1), dim=1)  # float32 tables: back to q's dtype under autocast
 
 
 def learned_positions(q, k, start=0):
@@ -115,7 +127,7 @@ class RotarySelfAttention(CausalSelfAttention):
 
     def __init__(self, config):
         super().__init__(config)
-        self.rotate = Rotary(config.n_embd // config.n_head, config.rope_base)
+        self.rotate = Rotary(config.n_embd // config.n_head, config.rope_base, config.block_size)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -136,7 +148,8 @@ class LocalSelfAttention(CausalSelfAttention):
         super().__init__(config)
         self.window = config.local_attention_window
         self.sinks = config.attention_sinks
-        self.rotate = Rotary(config.n_embd // config.n_head, config.rope_base) if rope else learned_positions
+        self.rotate = Rotary(config.n_embd // config.n_head, config.rope_base, config.block_size) if rope \
+            else learned_positions
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -167,6 +180,7 @@ class RollingKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slot_pos = torch.full((sinks + self.ring,), -1, dtype=torch.long, device=device)
         self.len = 0  # absolute positions seen (rotary positions continue from here)
+        self.prefix = True  # the positions held fill slots 0 .. len-1, or the whole buffer (nothing rolled back)
 
     def write(self, k, v, pos):
         # several positions at once; of a prefill longer than the ring only the sinks and the last `ring` stay
@@ -180,16 +194,21 @@ class RollingKVCache:
     def update(self, k, v):
         # k, v: (B, nh, T, hs) for positions len .. len+T-1
         T = k.size(2)
-        pos = torch.arange(self.len, self.len + T, device=self.slot_pos.device)
         if T == 1:  # the slot overwritten held a position that has left the window: write, then read
             slot = self.len if self.len < self.sinks else self.sinks + (self.len - self.sinks) % self.ring
             self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, 0], v[:, :, 0], self.len
-            keys, values, key_pos = self.k, self.v, self.slot_pos
+            self.len += 1
+            if self.ring == self.window and self.prefix:
+                # every position held is in this query's window, and they fill the first slots: no mask
+                held = min(self.len, self.k.size(2))
+                return self.k[:, :, :held], self.v[:, :, :held], None
+            keys, values, key_pos, pos = self.k, self.v, self.slot_pos, self.slot_pos.new_tensor([self.len - 1])
         else:  # earlier queries of this chunk may need keys that the chunk overwrites: read, then write
+            pos = torch.arange(self.len, self.len + T, device=self.slot_pos.device)
             keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, nh, s+ring+T, hs)
             key_pos = torch.cat([self.slot_pos, pos])
             self.write(k, v, pos)
-        self.len += T
+            self.len += T
         return keys, values, window_mask(pos[:, None], key_pos[None, :], self.window, self.sinks)
 
     def truncate(self, n):
@@ -202,12 +221,14 @@ class RollingKVCache:
         if n > self.sinks and oldest_needed < oldest_held:
             raise ValueError(f"cannot roll back from {self.len} to {n} positions: a full rolling cache takes back "
                              f"at most {self.ring - self.window + 1}; build it with new_cache(rollback=...) for more")
+        self.prefix &= self.len <= self.sinks + self.ring  # emptied slots inside a wrapped ring: masks from now on
         self.slot_pos[self.slot_pos >= n] = -1
         self.len = n
 
     def reset(self):
         self.slot_pos.fill_(-1)
         self.len = 0
+        self.prefix = True
 
     @property
     def nbytes(self):

@@ -4,6 +4,7 @@ load) plus a KV cache for generation. Every speed figure of EfficientGPT is meas
 model's cached decode, and its uncached reference path is what nanoGPT's `generate` does.
 """
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -150,6 +151,18 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def decoding(generate):
+    """Run a generate method in inference mode: a decode step is many small ops, and autograd's
+    per-op bookkeeping (which no_grad still does) is a measurable part of each. The tokens come back
+    as an ordinary tensor, usable later in training."""
+    @functools.wraps(generate)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            idx = generate(*args, **kwargs)
+        return idx.clone()
+    return run
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -207,14 +220,14 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """nanoGPT's forward: (logits, loss); logits of every position with targets, of the last one
         without. cache: a list of per-layer KVCache from new_cache(); idx then holds the new positions."""
-        x = self.embed(idx, cache[0].len if cache else 0)
+        x = self.embed(idx, cache[-1].len if cache else 0)  # the last layer's cache counts every position
         x = self.run_layers(x, cache)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position's logits
+            logits = self.lm_head(x[:, -1:, :])  # inference: only the last position's logits
             loss = None
         return logits, loss
 
@@ -271,10 +284,10 @@ class GPT(nn.Module):
                 c.reset()
             logits, _ = self(idx[:, -self.config.block_size:], cache=cache)
         else:
-            logits, _ = self(idx[:, cache[0].len:], cache=cache)
+            logits, _ = self(idx[:, cache[-1].len:], cache=cache)
         return logits[:, -1, :]
 
-    @torch.no_grad()
+    @decoding
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
         """Continue idx (B, T) by max_new_tokens tokens. temperature=0 is greedy. use_cache=False is the
         reference path: recompute the (cropped) context every step, like nanoGPT."""

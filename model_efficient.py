@@ -12,7 +12,7 @@ import torch.nn as nn
 from early_exit import CRITERIA, DECODE, ExitHeads, ExitPoint, keep_output, no_losses
 from efficient_modules import ATTN, CACHE, FFN, Ponder
 from hierarchical_modules import Hourglass, HourglassState, groups_closed
-from model import GPT, GPTConfig, LayerNorm
+from model import GPT, GPTConfig, LayerNorm, decoding
 
 
 @dataclass
@@ -43,7 +43,7 @@ class EfficientGPTConfig(GPTConfig):
     # hierarchical processing: hourglass (hierarchical_modules.Hourglass)
     enable_hierarchical: bool = False
     hierarchy_factor: int = 2  # k: the shortened layers see one position per k tokens
-    hierarchy_layers: str = 'none'  # the shortened layers, a contiguous run after layer 0, e.g. '1,2,3,4'
+    hierarchy_layers: str = 'none'  # the shortened layers, a contiguous run before the last layer, e.g. '1,2,3,4'
     # adaptive computation time (efficient_modules.Ponder)
     enable_adaptive_compute: bool = False
     max_pondering_steps: int = 3  # N: a pondering layer runs its block at most this many times per token
@@ -101,9 +101,10 @@ class EfficientGPTConfig(GPTConfig):
             raise ValueError(f"hierarchy_factor must be at least 1, not {self.hierarchy_factor}")
         shortened = [i for i, s in enumerate(expand_layers(self.hierarchy_layers, self.n_layer)) if s]
         if self.enable_hierarchical:
-            if not shortened or shortened[0] == 0 or shortened != list(range(shortened[0], shortened[-1] + 1)):
+            last = self.n_layer - 1  # the last layer sees each token itself at full resolution
+            if not shortened or shortened[-1] == last or shortened != list(range(shortened[0], shortened[-1] + 1)):
                 raise ValueError(f"hierarchy_layers={self.hierarchy_layers!r} must name a contiguous run of layers "
-                                 f"that leaves layer 0 at full resolution, e.g. '1,2,3,4' of {self.n_layer}")
+                                 f"that leaves the last layer at full resolution, e.g. '1,2,3,4' of {self.n_layer}")
         if self.max_pondering_steps < 1:
             raise ValueError(f"max_pondering_steps must be at least 1, not {self.max_pondering_steps}")
         if self.ponder_cost < 0 or not 0 <= self.act_epsilon < 1:
@@ -245,7 +246,7 @@ class EfficientGPT(GPT):
         like the baseline: a full-attention layer's cache would grow, and learned positions end there."""
         if not self.streams:
             return super().next_logits(idx, cache)
-        logits, _ = self(idx if cache is None else idx[:, cache[0].len:], cache=cache)
+        logits, _ = self(idx if cache is None else idx[:, cache[-1].len:], cache=cache)
         return logits[:, -1, :]
 
     def make_block(self, layer):
@@ -257,9 +258,9 @@ class EfficientGPT(GPT):
         h, caches = self.transformer.h, cache or [None] * (len(self.transformer.h) + 1)
         for i in self.pre:
             x = h[i](x, caches[i])
-        if self.hourglass is not None:
-            s = slice(self.shortened.start, self.shortened.stop)
-            x = self.hourglass(x, h[s], caches[s], caches[-1])
+        if self.hourglass is not None:  # (slicing the ModuleList would build a new module every call)
+            x = self.hourglass(x, [h[i] for i in self.shortened],
+                               caches[self.shortened.start:self.shortened.stop], caches[-1])
         for i in self.post:
             x = h[i](x, caches[i])
         return x
@@ -296,7 +297,7 @@ class EfficientGPT(GPT):
         self.aux = self.exit_losses(self, targets, logits)  # {name: (weight, value)}
         return logits, loss
 
-    @torch.no_grad()
+    @decoding
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None,
                  decode='full', stats=None):
         """GPT.generate with a choice of decode engine (early_exit.DECODE): 'full' runs every layer (the

@@ -27,6 +27,7 @@ def spread_halting(model):
 
 
 VARIANTS = {'hourglass': HOURGLASS, 'hourglass_k2': {**HOURGLASS, 'hierarchy_factor': 2}, 'act': ACT,
+            'hourglass_from_layer_0': {**HOURGLASS, 'hierarchy_layers': '0,1,2'},
             'both': {**HOURGLASS, **ACT, 'act_layers': '1,3'}}
 
 
@@ -168,8 +169,8 @@ def test_ponder_aux_loss_reaches_the_training_loss(tiny_args):
     assert model.transformer.h[1].halt.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize('bad', [dict(enable_hierarchical=True, hierarchy_layers='0,1'),
-                                 dict(enable_hierarchical=True, hierarchy_layers='1,3'),
+@pytest.mark.parametrize('bad', [dict(enable_hierarchical=True, hierarchy_layers='2,3'),  # the last layer
+                                 dict(enable_hierarchical=True, hierarchy_layers='0,2'),
                                  dict(enable_hierarchical=True),
                                  dict(hierarchy_factor=0), dict(max_pondering_steps=0), dict(act_epsilon=1.0)])
 def test_bad_config_is_rejected(tiny_args, bad):
