@@ -491,19 +491,24 @@ def local_stream(b):
 
 def executed_flops_per_token(model, ctx, ponder_steps):
     """Forward FLOPs one generated token executes, counted from what ran: 2 per multiply-add of every
-    weight used plus q.k and att.v over the keys attended (as dense_flops_per_token). A shortened layer
+    weight used plus q.k and att.v over the keys attended (as dense_flops_per_token; a local layer's
+    window bounds them), FFN slots as they execute (ffn_flops_per_token). A shortened layer
     runs once per k tokens over ctx/k keys, and so do pooling and upsampling; a pondering layer runs
     its block ponder_steps[i] times (the measured mean, halting unit included) and one K/V projection
     for each step it skipped."""
     c, C = model.config, model.config.n_embd
     k, plan = c.hierarchy_factor, model.plan
 
-    def layer(block, keys):
-        return 2 * sum(p.numel() for p in block.parameters()) + 2 * 2 * C * keys
+    def layer(block, keys):  # the FFN slot counts what it executes (k units, chosen experts)
+        mlp = getattr(block, 'block', block).mlp  # a pondering layer wraps its block
+        rest = sum(p.numel() for p in block.parameters()) - sum(p.numel() for p in mlp.parameters())
+        return 2 * rest + ffn_flops_per_token(mlp) + 2 * 2 * C * keys
 
     total = 2 * c.vocab_size * C  # the LM head (the tied token table)
     for i, block in enumerate(model.transformer.h):
         keys, per_token = (ctx / k, 1 / k) if plan.shortened[i] else (ctx, 1)
+        if plan.attn[i].startswith('local'):  # a local layer attends to its window at most
+            keys = min(keys, c.local_attention_window + c.attention_sinks)
         if plan.ponder[i]:
             steps = ponder_steps[i]
             total += per_token * (steps * layer(block, keys) + (block.max_steps - steps) * 2 * 2 * C * C)

@@ -82,10 +82,12 @@ def decode_consistent_loss(model, data, block_size, max_windows, criterion=None,
     teacher-forced token by token (batch 1, fresh KV cache) through early_exit.EarlyExitDecoder, exactly
     what generate(decode='early_exit') runs, and the distribution each step actually returned is scored.
     criterion / threshold override the model's config. Returns the loss in nats/token, the tokens scored,
-    the mean exit layer (layers run per token) and the FLOPs executed per token."""
+    the mean exit layer (layers run per token), the FLOPs executed per token and how many tokens exited
+    after each layer."""
     was_training = model.training
     model.eval()
     total, depth, flops, count = 0.0, 0, 0.0, 0
+    exits = [0] * model.config.n_layer  # tokens answered after 1, 2, .. n_layer layers
     for s in fixed_windows(data, block_size, max_windows):
         x = torch.from_numpy(data[s:s + block_size].astype(np.int64)).to(device)[None]  # (1, T)
         y = torch.from_numpy(data[s + 1:s + 1 + block_size].astype(np.int64)).to(device)  # (T,)
@@ -93,5 +95,8 @@ def decode_consistent_loss(model, data, block_size, max_windows, criterion=None,
         logits, layers = zip(*(dec.step(x[:, t:t + 1]) for t in range(block_size)))
         total += F.cross_entropy(torch.cat(logits), y, reduction='sum').item()
         depth, flops, count = depth + sum(layers), flops + dec.flops, count + block_size
+        for n in layers:
+            exits[n - 1] += 1
     model.train(was_training)
-    return dict(loss=total / count, tokens=count, mean_exit_layer=depth / count, flops_per_token=flops / count)
+    return dict(loss=total / count, tokens=count, mean_exit_layer=depth / count, flops_per_token=flops / count,
+                exit_layer_counts=exits)

@@ -176,6 +176,8 @@ def get_batch(split, generator):
 
 # model
 iter_num, best_val_loss = 0, float('inf')
+# each evaluation's {iter, tokens, train_seconds, val_loss}: bench_suite.py reads time to a target loss from it
+eval_history, train_seconds = [], 0.0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'scratch':
     model_args = {k: config[k] for k in model_defaults if k in {f.name for f in fields(GPTConfig)} or model_type == 'efficient'}
@@ -192,6 +194,8 @@ else:
         fail(e)
     model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    eval_history = checkpoint.get('eval_history', [])
+    train_seconds = eval_history[-1]['train_seconds'] if eval_history else 0.0
     if checkpoint['meta'] != meta:
         fail(f"the vocabulary of {data_dir} differs from the checkpoint's ({vocabulary_difference(checkpoint['meta'], meta)}): "
              "resume on the data it was trained on; a checkpoint's tokens are never remapped")
@@ -252,7 +256,7 @@ def get_lr(it):
 def write_checkpoint(**extra):
     ckpt = model_checkpoint(raw_model, meta)
     ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                best_val_loss=best_val_loss, config=config, **extra,
+                best_val_loss=best_val_loss, eval_history=eval_history, config=config, **extra,
                 rng=dict(torch=torch.get_rng_state(), train_batches=train_batches.get_state(),
                          cuda=torch.cuda.get_rng_state_all() if device_type == 'cuda' else []))
     if learner:
@@ -297,6 +301,8 @@ while True:
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         best_val_loss = min(best_val_loss, losses['val'])
+        eval_history.append(dict(iter=iter_num, tokens=iter_num * tokens_per_iter, train_seconds=train_seconds,
+                                 val_loss=float(losses['val'])))
         if iter_num > 0 and not eval_only:
             write_checkpoint()
     if eval_only or iter_num >= max_iters:
@@ -312,6 +318,7 @@ while True:
         break
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
+    step_start = time.time()
     for micro_step in range(gradient_accumulation_steps):
         # under DDP, sync gradients only at the last micro step
         sync = not ddp or micro_step == gradient_accumulation_steps - 1
@@ -339,6 +346,7 @@ while True:
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    train_seconds += time.time() - step_start  # training alone: evaluations and checkpoints excluded
 
     iter_num += 1
     bar.update(1)

@@ -1,0 +1,283 @@
+"""
+The README's results in one command. Trains what is missing (the CPU benchmark baseline, each mechanism
+alone and the combined EfficientGPT, all with config/train_bench_cpu.py's data, steps, seed and size),
+then measures every model against the cached baseline in one process with bench.py's protocol:
+$ python bench_suite.py                                # everything, on CPU
+$ python bench_suite.py --models=baseline,efficient_gpt --runs=3 --plot=results
+Prints a Markdown table, writes every figure to --json and, with --plot=DIR, two PNGs (needs matplotlib).
+"""
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import date
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import bench
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import configure_or_exit, load_config_file
+from evaluate import bits, decode_consistent_loss, evaluate_loss, teacher_forced_decode_loss
+from sample import REPO, fail
+
+BASE = 'config/train_bench_cpu.py'
+# name: (the config files it trains with, generate() settings of its decode)
+MODELS = {
+    'baseline': ([BASE], {}),
+    'early_exit': ([BASE, 'config/train_bench_early_exit.py'], dict(decode='early_exit')),
+    'topk': ([BASE, 'config/train_bench_topk_cpu.py'], {}),
+    'moe': ([BASE, 'config/train_bench_moe_cpu.py'], {}),
+    'act': ([BASE, 'config/bench_act.py'], {}),
+    'local_rope': ([BASE, 'config/train_bench_local.py'], {}),
+    'hourglass': ([BASE, 'config/bench_hourglass_k4.py'], {}),
+    'efficient_gpt': (['config/train_efficient_gpt.py'], {}),
+}
+DEFAULTS = dict(
+    models=','.join(MODELS),  # comma list of MODELS; the baseline is always measured
+    jobs=os.cpu_count() or 1,  # trainings at once, each with cpu_count // jobs threads
+    eval_interval=100,  # passed to every training: its evaluations give the time to target_loss
+    device='cpu',
+    threads=1,  # torch threads while measuring (batch-1 decode is per-op overhead: threads don't help it)
+    runs=5,  # timed runs of each side, alternating A B A B
+    new_tokens=250,  # batch-1 and batched decode inside the context (a one-token prompt)
+    batch=16,
+    past_tokens=500,  # decode past block_size: the baseline recomputes, streaming models don't
+    past_runs=3,
+    val_windows=16,  # quality: the first N fixed windows of val.bin (N * block_size characters)
+    exit_criterion='saturation',  # early exit's decode setting in the table
+    exit_threshold=0.9,
+    exit_sweep='0.995,0.99,0.95,0.9,0.8',  # thresholds on the speed-vs-quality plot
+    target_loss=2.2,  # time to reach this val loss (nanoGPT's estimate, eval_iters batches) in training
+    json='bench_suite.json',
+    plot='',  # a folder for speed_vs_quality.png and exit_layers.png
+)
+
+
+def out_dir_of(files):
+    settings = {}
+    for f in files:
+        settings.update(load_config_file(os.path.join(REPO, f)))
+    return os.path.join(REPO, settings['out_dir'])
+
+
+def train_missing(names, cfg):
+    """Train, in parallel, every model of names whose checkpoint is missing; each logs to out_dir/train.log."""
+    todo = [n for n in names if not os.path.exists(os.path.join(out_dir_of(MODELS[n][0]), 'ckpt.pt'))]
+    if not todo:
+        return
+    threads = max(1, (os.cpu_count() or 1) // cfg['jobs'])
+    env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
+
+    def train(name):
+        files, out_dir = MODELS[name][0], out_dir_of(MODELS[name][0])
+        os.makedirs(out_dir, exist_ok=True)
+        cmd = [sys.executable, os.path.join(REPO, 'train_efficient.py'), *files, f"--eval_interval={cfg['eval_interval']}",
+               f"--device={cfg['device']}", '--progress=False']
+        with open(os.path.join(out_dir, 'train.log'), 'w') as log:
+            if subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+                fail(f"training {name} failed: see {os.path.join(out_dir, 'train.log')}")
+        return name
+
+    print(f"training {', '.join(todo)}: {cfg['jobs']} at a time, {threads} thread(s) each")
+    with ThreadPoolExecutor(cfg['jobs']) as pool:
+        for done in tqdm(as_completed([pool.submit(train, n) for n in todo]), total=len(todo), unit='model'):
+            done.result()
+
+
+def load(name, device):
+    ckpt = load_checkpoint(os.path.join(out_dir_of(MODELS[name][0]), 'ckpt.pt'), device)
+    return model_from_checkpoint(ckpt)[0].to(device).eval(), ckpt
+
+
+def training_figures(ckpt, target):
+    """Training tok/s and the training time (evaluations excluded) to the first evaluation at or below target."""
+    history = ckpt.get('eval_history') or []
+    if not history or not history[-1]['train_seconds']:
+        return dict(train_tok_s=None, seconds_to_target=None)
+    hit = next((h for h in history if h['val_loss'] <= target), None)
+    return dict(train_tok_s=history[-1]['tokens'] / history[-1]['train_seconds'],
+                seconds_to_target=hit['train_seconds'] if hit else None, final_val_loss=ckpt.get('final_val_loss'))
+
+
+def quality(name, m, data, cfg):
+    """Val loss as the model's decode produces it: early exit and ACT through their decode engines (teacher
+    forced), every other model by its forward, which its cached decode equals (tests/)."""
+    T, W = m.config.block_size, cfg['val_windows']
+    if name == 'early_exit':
+        q = decode_consistent_loss(m, data, T, W, cfg['exit_criterion'], cfg['exit_threshold'], cfg['device'])
+        return q['loss'], dict(mean_exit_layer=q['mean_exit_layer'], exit_layer_counts=q['exit_layer_counts'],
+                               flops_per_token=q['flops_per_token'])
+    if name == 'act':
+        return teacher_forced_decode_loss(m, data, T, cfg['batch'], W, cfg['device'])[0], {}
+    return evaluate_loss(m, data, T, cfg['batch'], W, cfg['device']), {}
+
+
+def measure(name, m, base, data, cfg, prompts, sync):
+    """One model's row: speed against the cached baseline (its uncached reference, for the baseline itself),
+    quality, FLOPs, KV-cache bytes, and past-block_size decode against the baseline's reference path."""
+    kw, n, runs = dict(MODELS[name][1]), cfg['new_tokens'], cfg['runs']
+    if name == 'early_exit':
+        m.config.exit_criterion, m.config.exit_threshold = cfg['exit_criterion'], cfg['exit_threshold']
+
+    def gen(model, prompt, tokens, **extra):
+        return lambda: model.generate(prompt, tokens, temperature=0, **extra)
+
+    other = gen(base, prompts[:1], n, use_cache=name != 'baseline')  # the baseline row: cached vs reference
+    _, _, b1 = bench.time_pair(gen(m, prompts[:1], n, **kw), other, runs, n, sync)
+    # batched: early exit's engines are batch 1, so its batched row is its full decode
+    other = gen(base, prompts, n, use_cache=name != 'baseline')
+    _, _, b16 = bench.time_pair(gen(m, prompts, n), other, runs, n * prompts.size(0), sync)
+    loss, extra = quality(name, m, data, cfg)
+    ctx = (n + 1) / 2  # mean positions attended over the generation
+    if 'flops_per_token' not in extra:
+        extra['flops_per_token'] = (bench.dense_flops_per_token(m, ctx) if not hasattr(m, 'plan') else
+                                    bench.executed_flops_per_token(m, ctx, bench.decode_counts(m, prompts[:1], n)[1]))
+    cache = m.new_cache(1)
+    with torch.inference_mode():
+        bench.stream(m, cache, prompts[:1], n)
+    row = dict(decode_tok_s=b1['a']['median'], vs_cached=b1['ratio'], batch_tok_s=b16['a']['median'],
+               batch_vs_cached=b16['ratio'], val_loss=loss, bits=bits(loss), kv_cache_bytes=sum(c.nbytes for c in cache),
+               **extra)
+    if name == 'baseline':
+        row.update(reference_tok_s=b1['b']['median'], batch_reference_tok_s=b16['b']['median'])
+    if name == 'baseline' or getattr(m, 'streams', False):  # the reference path recomputes block_size each step
+        _, _, past = bench.time_pair(gen(m, prompts[:1], cfg['past_tokens'], **kw),
+                                     gen(base, prompts[:1], cfg['past_tokens'], use_cache=False),
+                                     cfg['past_runs'], cfg['past_tokens'], sync)
+        row.update(past_tok_s=past['a']['median'], past_vs_reference=past['ratio'],
+                   past_reference_tok_s=past['b']['median'])
+    return row
+
+
+def exit_sweep(m, base, data, cfg, prompts, sync):
+    """Early exit's speed and decode-consistent loss at each threshold of exit_sweep (the plot's curve)."""
+    points, n = [], cfg['new_tokens']
+    for threshold in (float(t) for t in cfg['exit_sweep'].split(',')):
+        m.config.exit_threshold = threshold
+        _, _, t = bench.time_pair(lambda: m.generate(prompts[:1], n, temperature=0, decode='early_exit'),
+                                  lambda: base.generate(prompts[:1], n, temperature=0), cfg['runs'], n, sync)
+        q = decode_consistent_loss(m, data, m.config.block_size, cfg['val_windows'], cfg['exit_criterion'], threshold,
+                                   cfg['device'])
+        points.append(dict(threshold=threshold, vs_cached=t['ratio'], val_loss=q['loss']))
+    m.config.exit_threshold = cfg['exit_threshold']
+    return points
+
+
+def fmt_row(name, r, base_loss):
+    def ratio(x):  # the baseline's own row was timed against its reference path: that ratio is the reference row's
+        return '1' if name == 'baseline' else f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
+    to_target = f"{r['seconds_to_target']:.0f} s" if r.get('seconds_to_target') else '—'
+    train = f"{r['train_tok_s']:,.0f}" if r.get('train_tok_s') else '—'
+    return (f"| {name} | {r['decode_tok_s']:,.0f} | {ratio(r['vs_cached'])} | {r['batch_tok_s']:,.0f} | "
+            f"{ratio(r['batch_vs_cached'])} | {r['val_loss']:.4f} | {r['bits']:.3f} | "
+            f"{100 * (r['val_loss'] - base_loss) / base_loss:+.1f}% | {r['flops_per_token'] / 1e6:.2f} | "
+            f"{r['kv_cache_bytes'] / 1024:.0f} | {train} | {to_target} |")
+
+
+def report(results, cfg, header):
+    rows, base = results['rows'], results['rows']['baseline']
+    print(header)
+    print(f"\nbatch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a one-token prompt; ratios are "
+          f"medians of per-pair ratios against the cached baseline (min-max), {cfg['runs']} runs each")
+    print("\n| model | tok/s b=1 | vs cached | tok/s b=%d | vs cached | val loss | bits/char | Δ loss | MFLOPs/token "
+          "| KV KiB | train tok/s | train time to %.2f |" % (cfg['batch'], cfg['target_loss']))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    slower = [f"1/{base[k]['median']:.1f} ({base[k]['min']:.1f}-{base[k]['max']:.1f})" for k in ('vs_cached', 'batch_vs_cached')]
+    print(f"| uncached reference (nanoGPT's generate) | {base['reference_tok_s']:,.0f} | {slower[0]} | "
+          f"{base['batch_reference_tok_s']:,.0f} | {slower[1]} | | | | | | | |")
+    for name, r in rows.items():
+        print(fmt_row(name, r, base['val_loss']))
+    print(f"\n{cfg['past_tokens']} new tokens, past block_size, batch 1, against the baseline's uncached reference "
+          f"path ({base['past_reference_tok_s']:,.0f} tok/s):\n")
+    print("| model | tok/s | vs uncached reference |\n|---|---|---|")
+    for name, r in rows.items():
+        if 'past_tok_s' in r:
+            x = r['past_vs_reference']
+            print(f"| {name} | {r['past_tok_s']:,.0f} | {x['median']:.1f}x ({x['min']:.1f}-{x['max']:.1f}) |")
+
+
+def plot(results, folder):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install -e '.[plot]'")
+        return
+    os.makedirs(folder, exist_ok=True)
+    rows, base_loss = results['rows'], results['rows']['baseline']['val_loss']
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in rows.items():
+        ax.scatter(r['vs_cached']['median'], r['val_loss'], zorder=3)
+        ax.annotate(name, (r['vs_cached']['median'], r['val_loss']), textcoords='offset points', xytext=(5, 4))
+    if results.get('exit_sweep'):
+        pts = results['exit_sweep']
+        ax.plot([p['vs_cached']['median'] for p in pts], [p['val_loss'] for p in pts], 'o--', color='grey',
+                label='early exit, thresholds ' + ', '.join(str(p['threshold']) for p in pts))
+    ax.axhline(1.02 * base_loss, color='red', lw=0.8, ls=':', label='baseline loss + 2%')
+    ax.axvline(2.0, color='green', lw=0.8, ls=':', label='2x the cached baseline')
+    ax.set_xlabel('batch-1 decode speed vs the cached baseline (x)')
+    ax.set_ylabel('val loss as decoded (nats/char)')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, 'speed_vs_quality.png'), dpi=120)
+    if 'early_exit' in rows:
+        counts = rows['early_exit']['exit_layer_counts']
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar(range(1, len(counts) + 1), [c / sum(counts) for c in counts])
+        ax.set_xlabel('layers run before the token exits')
+        ax.set_ylabel('fraction of val characters')
+        ax.set_title(f"early exit, {results['config']['exit_criterion']} {results['config']['exit_threshold']}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, 'exit_layers.png'), dpi=120)
+    print(f"plots written to {folder}/")
+
+
+def main():
+    cfg = configure_or_exit(DEFAULTS, sys.argv[1:], __doc__)
+    names = ['baseline'] + [n for n in cfg['models'].split(',') if n and n != 'baseline']
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        fail(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
+    start = time.time()
+    train_missing(names, cfg)
+    torch.set_num_threads(cfg['threads'])
+    torch.manual_seed(1337)
+    device = cfg['device']
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    base, base_ckpt = load('baseline', device)
+    data = np.memmap(os.path.join(REPO, 'data', 'shakespeare_char', 'val.bin'), dtype=np.uint16, mode='r')
+    prompts = torch.randint(base.config.vocab_size, (cfg['batch'], 1), device=device)
+    results = dict(config=cfg, rows={}, torch=torch.__version__, threads=torch.get_num_threads(), device=device,
+                   date=date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+                   load_average=os.getloadavg())
+    with torch.no_grad():
+        for name in tqdm(names, unit='model', desc='measuring'):
+            m, ckpt = (base, base_ckpt) if name == 'baseline' else load(name, device)
+            row = measure(name, m, base, data, cfg, prompts, sync)
+            results['rows'][name] = {**row, **training_figures(ckpt, cfg['target_loss'])}
+            if name == 'early_exit':
+                results['exit_sweep'] = exit_sweep(m, base, data, cfg, prompts, sync)
+    results['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    results['seconds'] = time.time() - start
+    header = (f"bench_suite.py {' '.join(sys.argv[1:])}: {results['date']}, {results['machine']}, torch {torch.__version__}, "
+              f"{device}, float32, {results['threads']} thread(s), load average {results['load_average'][0]:.1f}, "
+              f"{results['seconds'] / 60:.1f} min in all, peak RSS {results['peak_rss_bytes'] / 2**20:.0f} MiB")
+    report(results, cfg, header)
+    if cfg['json']:
+        with open(cfg['json'], 'w') as f:
+            json.dump(results, f, indent=1, default=str)
+    if cfg['plot']:
+        plot(results, cfg['plot'])
+
+
+if __name__ == '__main__':
+    main()
