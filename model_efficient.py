@@ -4,7 +4,7 @@ Every mechanism is off by default, and with all of them off EfficientGPT compute
 computes with the same weights (the parameter names are the same, so state dicts load either way).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -250,8 +250,18 @@ class EfficientGPT(GPT):
         return logits[:, -1, :]
 
     def make_block(self, layer):
-        block = EfficientBlock(self.config, self.plan, layer)
+        block = EfficientBlock(self.layer_config(layer), self.plan, layer)
         return Ponder(block, self.config) if self.plan.ponder[layer] else block
+
+    def layer_config(self, layer):
+        """The config a layer is built from. A shortened local layer's window counts groups, and training
+        shows it at most the groups of one block_size context: its window is capped there, which changes
+        nothing inside the context and keeps streaming decode past it within what the layer learned."""
+        c = self.config
+        if not (self.plan.shortened[layer] and c.enable_local_attention):
+            return c
+        return replace(c, local_attention_window=min(c.local_attention_window,
+                                                      groups_closed(c.block_size, c.hierarchy_factor)))
 
     def run_layers(self, x, cache=None):
         """The blocks in order; with an hourglass the shortened run sits between the pre and post runs."""
@@ -273,12 +283,13 @@ class EfficientGPT(GPT):
         c, p = self.config, self.lm_head.weight
         device, dtype = device or p.device, dtype or p.dtype
 
-        def cache_maker(kind):
-            return lambda max_len: CACHE[kind](c, batch_size, max_len, device, dtype, rollback)
+        def cache_maker(layer):
+            kind, lc = self.plan.attn[layer], self.layer_config(layer)
+            return lambda max_len: CACHE[kind](lc, batch_size, max_len, device, dtype, rollback)
 
         short_len = groups_closed(c.block_size, c.hierarchy_factor)
-        caches = [block.new_cache(cache_maker(kind), short_len if shortened else c.block_size)
-                  for block, kind, shortened in zip(self.transformer.h, self.plan.attn, self.plan.shortened)]
+        caches = [block.new_cache(cache_maker(i), short_len if self.plan.shortened[i] else c.block_size)
+                  for i, block in enumerate(self.transformer.h)]
         if self.hourglass is not None:
             caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype, rollback))
         return caches

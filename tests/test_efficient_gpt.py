@@ -1,0 +1,91 @@
+"""The combined EfficientGPT (config/train_efficient_gpt.py) and the suite that measures it (bench_suite.py)."""
+
+import os
+from dataclasses import fields
+
+import pytest
+import torch
+
+import bench_suite
+from configurator import load_config_file
+from hierarchical_modules import groups_closed
+from model import GPTConfig
+from model_efficient import EfficientGPT, EfficientGPTConfig
+
+CONFIG = load_config_file(os.path.join(bench_suite.REPO, 'config', 'train_efficient_gpt.py'))
+BASE = load_config_file(os.path.join(bench_suite.REPO, bench_suite.BASE))
+MECHANISM_KEYS = {f.name for f in fields(EfficientGPTConfig)} - {f.name for f in fields(GPTConfig)}
+
+
+def test_trains_like_the_baseline_but_for_its_mechanisms():
+    """Same data, steps, schedule, seed and size as config/train_bench_cpu.py: the comparison is fair."""
+    shared = {k: v for k, v in BASE.items() if not k.startswith('__') and k != 'out_dir'}
+    assert {k: CONFIG[k] for k in shared} == shared
+    extra = {k for k in CONFIG if not k.startswith('__')} - set(BASE) - MECHANISM_KEYS - {'model_type'}
+    assert not extra, f"keys beyond the baseline's that are no mechanism: {extra}"
+
+
+def tiny_combined(**changes):
+    """The combination's mechanism keys on a 4-layer model with a 32-token context (the shortened run keeps
+    its shape: every layer but the last)."""
+    keys = {k: CONFIG[k] for k in MECHANISM_KEYS if k in CONFIG}
+    size = dict(n_layer=4, n_head=2, n_embd=32, block_size=32, vocab_size=50, dropout=0.0, bias=True)
+    keys.update(dict(hierarchy_layers='0,1,2', hierarchy_factor=4, local_attention_window=6), **changes)
+    torch.manual_seed(0)
+    model = EfficientGPT(EfficientGPTConfig(**{**keys, **size})).eval()
+    for p in model.parameters():  # larger weights: every path shows in the logits
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def test_combined_model_is_causal():
+    model = tiny_combined()
+    x = torch.randint(0, 50, (1, 32))
+    logits, _ = model(x, x)
+    for j in range(0, 32, 3):
+        y = x.clone()
+        y[0, j] = (y[0, j] + 1) % 50
+        torch.testing.assert_close(model(y, y)[0][:, :j], logits[:, :j], msg=f"position {j} leaks into earlier ones")
+
+
+def test_combined_model_streams_past_block_size_like_its_reference():
+    model = tiny_combined()
+    assert model.streams
+    idx = torch.tensor([[7], [3]])
+    cached = model.generate(idx, 100, temperature=0)  # three block_sizes, no re-prefill
+    assert torch.equal(cached, model.generate(idx, 100, temperature=0, use_cache=False))
+
+
+def test_shortened_window_is_capped_at_the_groups_training_shows():
+    model = tiny_combined(local_attention_window=64)
+    short = groups_closed(32, 4)  # 8 groups in a block_size context
+    assert [block.attn.window for block in model.transformer.h] == [short] * 3 + [64]
+    cache = model.new_cache(1)
+    assert [c.window for c in cache[:4]] == [short] * 3 + [64]
+    x = torch.randint(0, 50, (1, 32))
+    # inside the context the cap changes nothing: the same weights with full attention compute the same
+    full = tiny_combined(enable_local_attention=False, local_attention_window=128)
+    torch.testing.assert_close(model(x, x)[0], full(x, x)[0])
+
+
+def test_suite_models_train_with_existing_configs_into_their_own_folders():
+    dirs = [bench_suite.out_dir_of(files) for files, _ in bench_suite.MODELS.values()]
+    assert len(set(dirs)) == len(dirs)
+    for files, _ in bench_suite.MODELS.values():
+        assert all(os.path.isfile(os.path.join(bench_suite.REPO, f)) for f in files)
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_below_it():
+    history = [dict(iter=i, tokens=i * 10, train_seconds=i / 10, val_loss=loss)
+               for i, loss in ((0, 4.0), (100, 2.5), (200, 2.15), (300, 2.2), (400, 2.0))]
+    figures = bench_suite.training_figures({'eval_history': history, 'final_val_loss': 2.01}, target=2.2)
+    assert figures == dict(train_tok_s=100.0, seconds_to_target=20.0, final_val_loss=2.01)
+    assert bench_suite.training_figures({'eval_history': history}, target=1.0)['seconds_to_target'] is None
+    assert bench_suite.training_figures({}, target=2.2) == dict(train_tok_s=None, seconds_to_target=None)
+
+
+def test_unknown_model_is_an_error(capsys, monkeypatch):
+    monkeypatch.setattr('sys.argv', ['bench_suite.py', '--models=baseline,hourglas'])
+    with pytest.raises(SystemExit):
+        bench_suite.main()
+    assert "hourglas" in capsys.readouterr().err
