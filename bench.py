@@ -622,10 +622,29 @@ def pondering(b):
 
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
 # the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
+def decode_profile(b):
+    """where batch-1 decode time goes: wall time per token, the part spent inside aten ops (the rest is
+    Python, module calls and dispatch), and the ops with the most self time per token (torch.profiler)"""
+    from torch.profiler import ProfilerActivity, profile
+    n = b.new_tokens
+    b.model.generate(b.prompt[:1], n, temperature=0)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        b.model.generate(b.prompt[:1], n, temperature=0)
+        wall = time.perf_counter() - t0
+    ops = sorted((e for e in prof.key_averages() if e.key.startswith('aten::')), key=lambda e: -e.self_cpu_time_total)
+    inside = sum(e.self_cpu_time_total for e in ops) / 1e6  # seconds
+    figures = dict(wall_us_per_token=1e6 * wall / n, aten_us_per_token=1e6 * inside / n,
+                   aten_ops_per_token=sum(e.count for e in ops) / n, outside_ops_fraction=1 - inside / wall)
+    for e in ops[:8]:
+        figures[f"{e.key.removeprefix('aten::')}_us_per_token"] = e.self_cpu_time_total / n
+    return figures
+
+
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
                                 exit_full, early_exit, speculative, exit_costs, against_baseline, hourglass,
                                 pondering, sparse_decode, sparse_compute, sparse_quality, mlp_micro,
-                                local_train_step, local_decode, local_stream, memory)}
+                                local_train_step, local_decode, local_stream, memory, decode_profile)}
 
 
 def fmt(key, v):

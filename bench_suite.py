@@ -47,10 +47,10 @@ DEFAULTS = dict(
     device='cpu',
     threads=1,  # torch threads while measuring (batch-1 decode is per-op overhead: threads don't help it)
     runs=5,  # timed runs of each side, alternating A B A B
+    reference_runs=2,  # for the pairs with a batch-16 or past-block_size reference side (seconds per run)
     new_tokens=250,  # batch-1 and batched decode inside the context (a one-token prompt)
     batch=16,
     past_tokens=500,  # decode past block_size: the baseline recomputes, streaming models don't
-    past_runs=3,
     val_windows=16,  # quality: the first N fixed windows of val.bin (N * block_size characters)
     exit_criterion='saturation',  # early exit's decode setting in the table
     exit_threshold=0.9,
@@ -134,7 +134,8 @@ def measure(name, m, base, data, cfg, prompts, sync):
     _, _, b1 = bench.time_pair(gen(m, prompts[:1], n, **kw), other, runs, n, sync)
     # batched: early exit's engines are batch 1, so its batched row is its full decode
     other = gen(base, prompts, n, use_cache=name != 'baseline')
-    _, _, b16 = bench.time_pair(gen(m, prompts, n), other, runs, n * prompts.size(0), sync)
+    _, _, b16 = bench.time_pair(gen(m, prompts, n), other, cfg['reference_runs'] if name == 'baseline' else runs,
+                                n * prompts.size(0), sync)
     loss, extra = quality(name, m, data, cfg)
     ctx = (n + 1) / 2  # mean positions attended over the generation
     if 'flops_per_token' not in extra:
@@ -151,7 +152,7 @@ def measure(name, m, base, data, cfg, prompts, sync):
     if name == 'baseline' or getattr(m, 'streams', False):  # the reference path recomputes block_size each step
         _, _, past = bench.time_pair(gen(m, prompts[:1], cfg['past_tokens'], **kw),
                                      gen(base, prompts[:1], cfg['past_tokens'], use_cache=False),
-                                     cfg['past_runs'], cfg['past_tokens'], sync)
+                                     cfg['reference_runs'], cfg['past_tokens'], sync)
         row.update(past_tok_s=past['a']['median'], past_vs_reference=past['ratio'],
                    past_reference_tok_s=past['b']['median'])
     return row
@@ -186,7 +187,8 @@ def report(results, cfg, header):
     rows, base = results['rows'], results['rows']['baseline']
     print(header)
     print(f"\nbatch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a one-token prompt; ratios are "
-          f"medians of per-pair ratios against the cached baseline (min-max), {cfg['runs']} runs each")
+          f"medians of per-pair ratios against the cached baseline (min-max), {cfg['runs']} runs each "
+          f"({cfg['reference_runs']} for the batched and past-block_size reference paths)")
     print("\n| model | tok/s b=1 | vs cached | tok/s b=%d | vs cached | val loss | bits/char | Δ loss | MFLOPs/token "
           "| KV KiB | train tok/s | train time to %.2f |" % (cfg['batch'], cfg['target_loss']))
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

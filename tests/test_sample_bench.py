@@ -135,6 +135,8 @@ def test_bench_tiny_random_model_json(tmp_path):
     assert report['rows']['compute']['kv_cache_positions'] == 20 and report['rows']['compute']['kv_cache_bytes'] > 0
     assert report['rows']['val_loss']['windows'] == 2
     assert report['rows']['memory']['peak_rss_bytes'] > 0
+    profile = report['rows']['decode_profile']  # the time inside ops is part of the wall time of the same run
+    assert 0 < profile['aten_us_per_token'] < profile['wall_us_per_token'] and profile['aten_ops_per_token'] > 20
     assert 'identical_tokens' in r.stdout and 'threads' in r.stdout
 
 
