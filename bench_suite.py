@@ -38,7 +38,7 @@ MODELS = {
     'act': ([BASE, 'config/bench_act.py'], {}),
     'local_rope': ([BASE, 'config/train_bench_local.py'], {}),
     'hourglass': ([BASE, 'config/bench_hourglass_k4.py'], {}),
-    'efficient_gpt': (['config/train_efficient_gpt.py'], {}),
+    'efficient_gpt': ([BASE, 'config/train_efficient_gpt.py'], {}),
 }
 DEFAULTS = dict(
     models=','.join(MODELS),  # comma list of MODELS; the baseline is always measured
