@@ -58,6 +58,7 @@ DEFAULTS = dict(
     target_loss=2.2,  # time to reach this val loss (nanoGPT's estimate, eval_iters batches) in training
     json='bench_suite.json',
     plot='',  # a folder for speed_vs_quality.png and exit_layers.png
+    report='',  # a JSON file of an earlier run: print its table (and --plot it) without measuring anything
 )
 
 
@@ -246,6 +247,13 @@ def plot(results, folder):
 
 def main():
     cfg = configure_or_exit(DEFAULTS, sys.argv[1:], __doc__)
+    if cfg['report']:
+        with open(cfg['report']) as f:
+            results = json.load(f)
+        report(results, results['config'], results.get('header', ''))
+        if cfg['plot']:
+            plot(results, cfg['plot'])
+        return
     names = ['baseline'] + [n for n in cfg['models'].split(',') if n and n != 'baseline']
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -274,6 +282,7 @@ def main():
     header = (f"bench_suite.py {' '.join(sys.argv[1:])}: {results['date']}, {results['machine']}, torch {torch.__version__}, "
               f"{device}, float32, {results['threads']} thread(s), load average {results['load_average'][0]:.1f}, "
               f"{results['seconds'] / 60:.1f} min in all, peak RSS {results['peak_rss_bytes'] / 2**20:.0f} MiB")
+    results['header'] = header
     report(results, cfg, header)
     if cfg['json']:
         with open(cfg['json'], 'w') as f:
