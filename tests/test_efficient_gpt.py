@@ -89,3 +89,22 @@ def test_unknown_model_is_an_error(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         bench_suite.main()
     assert "hourglas" in capsys.readouterr().err
+
+
+def test_report_of_an_earlier_run(tmp_path, capsys, monkeypatch):
+    def ratio(x):
+        return dict(median=x, min=x, max=x)
+    row = dict(decode_tok_s=1000.0, vs_cached=ratio(2.5), batch_tok_s=9000.0, batch_vs_cached=ratio(1.5),
+               val_loss=2.0, bits=2.885, flops_per_token=2e6, kv_cache_bytes=4096, train_tok_s=7000.0,
+               seconds_to_target=120.0)
+    base = dict(row, vs_cached=ratio(7.0), reference_tok_s=150.0, batch_reference_tok_s=300.0, past_tok_s=100.0,
+                past_vs_reference=ratio(1.4), past_reference_tok_s=70.0)
+    results = dict(config=dict(bench_suite.DEFAULTS), header='a header',
+                   rows=dict(baseline=base, efficient_gpt=dict(row, val_loss=2.02, past_tok_s=2100.0,
+                                                               past_vs_reference=ratio(30.0))))
+    (tmp_path / 'r.json').write_text(__import__('json').dumps(results))
+    monkeypatch.setattr('sys.argv', ['bench_suite.py', f"--report={tmp_path / 'r.json'}"])
+    bench_suite.main()
+    out = capsys.readouterr().out
+    assert '| efficient_gpt | 1,000 | 2.50x (2.50-2.50) |' in out and '+1.0%' in out
+    assert '| uncached reference' in out and '1/7.0' in out and '| efficient_gpt | 2,100 | 30.0x' in out
