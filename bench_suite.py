@@ -26,7 +26,7 @@ import bench
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit, load_config_file
 from evaluate import bits, decode_consistent_loss, evaluate_loss, teacher_forced_decode_loss
-from sample import REPO, fail
+from sample import REPO, autocast, fail, pick_dtype
 
 BASE = 'config/train_bench_cpu.py'
 # name: (the config files it trains with, generate() settings of its decode)
@@ -44,7 +44,8 @@ DEFAULTS = dict(
     models=','.join(MODELS),  # comma list of MODELS; the baseline is always measured
     jobs=os.cpu_count() or 1,  # trainings at once, each with cpu_count // jobs threads
     eval_interval=100,  # passed to every training: its evaluations give the time to target_loss
-    device='cpu',
+    device='cpu',  # 'cuda' trains and measures on the GPU
+    dtype='auto',  # auto: bfloat16 autocast on a GPU that supports it, float32 elsewhere
     threads=1,  # torch threads while measuring (batch-1 decode is per-op overhead: threads don't help it)
     runs=5,  # timed runs of each side, alternating A B A B
     reference_runs=2,  # for the pairs with a batch-16 or past-block_size reference side (seconds per run)
@@ -81,7 +82,7 @@ def train_missing(names, cfg):
         files, out_dir = MODELS[name][0], out_dir_of(MODELS[name][0])
         os.makedirs(out_dir, exist_ok=True)
         cmd = [sys.executable, os.path.join(REPO, 'train_efficient.py'), *files, f"--eval_interval={cfg['eval_interval']}",
-               f"--device={cfg['device']}", '--progress=False']
+               f"--device={cfg['device']}", f"--dtype={cfg['dtype']}", '--progress=False']
         with open(os.path.join(out_dir, 'train.log'), 'w') as log:
             if subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
                 fail(f"training {name} failed: see {os.path.join(out_dir, 'train.log')}")
@@ -263,14 +264,15 @@ def main():
     torch.set_num_threads(cfg['threads'])
     torch.manual_seed(1337)
     device = cfg['device']
+    dtype = pick_dtype(cfg['dtype'], device)
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     base, base_ckpt = load('baseline', device)
     data = np.memmap(os.path.join(REPO, 'data', 'shakespeare_char', 'val.bin'), dtype=np.uint16, mode='r')
     prompts = torch.randint(base.config.vocab_size, (cfg['batch'], 1), device=device)
-    results = dict(config=cfg, rows={}, torch=torch.__version__, threads=torch.get_num_threads(), device=device,
+    results = dict(config=cfg, rows={}, torch=torch.__version__, threads=torch.get_num_threads(), device=device, dtype=dtype,
                    date=date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                    load_average=os.getloadavg())
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):
         for name in tqdm(names, unit='model', desc='measuring'):
             m, ckpt = (base, base_ckpt) if name == 'baseline' else load(name, device)
             row = measure(name, m, base, data, cfg, prompts, sync)
@@ -280,7 +282,7 @@ def main():
     results['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results['seconds'] = time.time() - start
     header = (f"bench_suite.py {' '.join(sys.argv[1:])}: {results['date']}, {results['machine']}, torch {torch.__version__}, "
-              f"{device}, float32, {results['threads']} thread(s), load average {results['load_average'][0]:.1f}, "
+              f"{device}, {dtype}, {results['threads']} thread(s), load average {results['load_average'][0]:.1f}, "
               f"{results['seconds'] / 60:.1f} min in all, peak RSS {results['peak_rss_bytes'] / 2**20:.0f} MiB")
     results['header'] = header
     report(results, cfg, header)

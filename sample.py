@@ -45,7 +45,7 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(':')[0], dtype=DTYPES[dtype])
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping on the many small ops of each step
 def stream_tokens(model, idx, max_new_tokens, temperature, top_k, vocab_size):
     """Yield each new token id of idx (1, T) as soon as it is sampled: model.generate's cached loop,
     one step at a time. Logits are cut to the tokenizer's vocab_size: a GPT-2 model pads its
