@@ -287,6 +287,7 @@ def main():
     results['header'] = header
     report(results, cfg, header)
     if cfg['json']:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg['json'])), exist_ok=True)
         with open(cfg['json'], 'w') as f:
             json.dump(results, f, indent=1, default=str)
     if cfg['plot']:
