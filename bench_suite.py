@@ -178,10 +178,11 @@ def fmt_row(name, r, base_loss):
     def ratio(x):  # the baseline's own row was timed against its reference path: that ratio is the reference row's
         return '1' if name == 'baseline' else f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
     to_target = f"{r['seconds_to_target']:.0f} s" if r.get('seconds_to_target') else '—'
+    whole = f"{r['final_val_loss']:.4f}" if r.get('final_val_loss') else '—'
     train = f"{r['train_tok_s']:,.0f}" if r.get('train_tok_s') else '—'
     return (f"| {name} | {r['decode_tok_s']:,.0f} | {ratio(r['vs_cached'])} | {r['batch_tok_s']:,.0f} | "
             f"{ratio(r['batch_vs_cached'])} | {r['val_loss']:.4f} | {r['bits']:.3f} | "
-            f"{100 * (r['val_loss'] - base_loss) / base_loss:+.1f}% | {r['flops_per_token'] / 1e6:.2f} | "
+            f"{100 * (r['val_loss'] - base_loss) / base_loss:+.1f}% | {whole} | {r['flops_per_token'] / 1e6:.2f} | "
             f"{r['kv_cache_bytes'] / 1024:.0f} | {train} | {to_target} |")
 
 
@@ -190,13 +191,15 @@ def report(results, cfg, header):
     print(header)
     print(f"\nbatch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a one-token prompt; ratios are "
           f"medians of per-pair ratios against the cached baseline (min-max), {cfg['runs']} runs each "
-          f"({cfg['reference_runs']} for the batched and past-block_size reference paths)")
-    print("\n| model | tok/s b=1 | vs cached | tok/s b=%d | vs cached | val loss | bits/char | Δ loss | MFLOPs/token "
-          "| KV KiB | train tok/s | train time to %.2f |" % (cfg['batch'], cfg['target_loss']))
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"({cfg['reference_runs']} for the batched and past-block_size reference paths). Val loss: as each model "
+          f"decodes, over the first {cfg['val_windows']} fixed windows of val.bin; the forward loss over the whole "
+          f"split is the training run's final evaluation")
+    print("\n| model | tok/s b=1 | vs cached | tok/s b=%d | vs cached | val loss | bits/char | Δ loss | forward loss, "
+          "whole val | MFLOPs/token | KV KiB | train tok/s | train time to %.2f |" % (cfg['batch'], cfg['target_loss']))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     slower = [f"1/{base[k]['median']:.1f} ({base[k]['min']:.1f}-{base[k]['max']:.1f})" for k in ('vs_cached', 'batch_vs_cached')]
     print(f"| uncached reference (nanoGPT's generate) | {base['reference_tok_s']:,.0f} | {slower[0]} | "
-          f"{base['batch_reference_tok_s']:,.0f} | {slower[1]} | | | | | | | |")
+          f"{base['batch_reference_tok_s']:,.0f} | {slower[1]} | | | | | | | | |")
     for name, r in rows.items():
         print(fmt_row(name, r, base['val_loss']))
     print(f"\n{cfg['past_tokens']} new tokens, past block_size, batch 1, against the baseline's uncached reference "
