@@ -5,13 +5,17 @@ Efficient Language Models"). The layers of the stack split into three runs:
     pre layers (full resolution) -> shorten by k -> shortened layers (1/k of the positions) ->
     upsample, added to the pre-shortening residual -> post layers (full resolution)
 
+The pre run may be empty: the shortened layers then read the pooled token embeddings, like MEGABYTE's
+global model reading patches (Yu et al. 2023), and the post layers alone see every token.
+
 Causality. Shortened position j pools the k full-resolution positions jk-k+1 .. jk: the sequence is
 shifted right by k-1 (k-1 zero vectors in front, the tail dropped) before mean pooling, so group j
 holds nothing after token jk. Its output goes to tokens jk .. jk+k-1, none of which precedes jk.
 T need not be a multiple of k: the last group is computed as soon as its last token jk exists.
 
 Choices: mean pooling (no parameters; the shortened layers read the pooled state, which already
-carries the learned per-token position embeddings, so they get no position embedding of their own);
+carries the learned per-token position embeddings, so they get no position embedding of their own; with
+rotary positions they rotate by group index);
 linear upsampling (one Linear n_embd -> k * n_embd per group, a vector for each of the k tokens
 that read the group, as in the paper). What is upsampled and added is the shortened layers' update
 (their output minus their input): with k = 1 pooling and upsampling are the identity and the
@@ -19,6 +23,7 @@ hourglass is exactly the plain stack with the same parameter names.
 
 Decode. The shortened layers run once per group, when its last token arrives (every k tokens), with
 their own KV caches at 1/k resolution; the k tokens of a group read that group's upsampled output.
+HourglassState keeps only the last groups, so with every layer local and rotary the model streams.
 """
 
 import math
