@@ -620,8 +620,6 @@ def pondering(b):
     return figures
 
 
-# name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
-# the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 def decode_profile(b):
     """where batch-1 decode time goes: wall time per token, the part spent inside aten ops (the rest is
     Python, module calls and dispatch), and the ops with the most self time per token (torch.profiler)"""
@@ -641,10 +639,12 @@ def decode_profile(b):
     return figures
 
 
+# name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is
+# the row's title. Rows run in this order; memory stays last so that its peak covers all of them.
 ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
                                 exit_full, early_exit, speculative, exit_costs, against_baseline, hourglass,
                                 pondering, sparse_decode, sparse_compute, sparse_quality, mlp_micro,
-                                local_train_step, local_decode, local_stream, memory, decode_profile)}
+                                local_train_step, local_decode, local_stream, decode_profile, memory)}
 
 
 def fmt(key, v):
