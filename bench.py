@@ -1,5 +1,5 @@
 """
-Speed, compute and memory of a model, measured as BENCHMARKS.md describes: a table on stdout and,
+Speed, compute, memory and quality of a model, each figure measured in one process: a table on stdout and,
 with --json=PATH, every figure with the settings that produced it.
 $ python bench.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --vocab_size=65   # random weights
 $ python bench.py --ckpt=out-shakespeare-char/ckpt.pt --val_data=data/shakespeare_char --json=bench.json

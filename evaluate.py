@@ -55,7 +55,7 @@ def bits(nats):
 @torch.no_grad()
 def teacher_forced_decode_loss(model, data, block_size, batch_size=16, max_windows=None, device='cpu', ctx=None,
                                on_step=None):
-    """Decode-consistent loss (BENCHMARKS.md): the fixed windows of evaluate_loss teacher-forced through
+    """Decode-consistent loss: the fixed windows of evaluate_loss teacher-forced through
     the cached decode engine one token at a time (model(x[:, t:t+1], cache=...)), scoring the
     distribution each step actually produced. For mechanisms whose decode may differ from the training
     forward (ACT halting). on_step(model), if given, runs after every step (to read statistics).
