@@ -25,7 +25,7 @@ from tqdm import tqdm
 import bench
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure_or_exit, load_config_file
-from evaluate import bits, decode_consistent_loss, evaluate_loss, teacher_forced_decode_loss
+from evaluate import bits, decode_consistent_loss, evaluate_loss, streaming_loss, teacher_forced_decode_loss
 from sample import REPO, autocast, fail, pick_dtype
 
 BASE = 'config/train_bench_cpu.py'
@@ -52,6 +52,7 @@ DEFAULTS = dict(
     new_tokens=250,  # batch-1 and batched decode inside the context (a one-token prompt)
     batch=16,
     past_tokens=500,  # decode past block_size: the baseline recomputes, streaming models don't
+    stream_eval_tokens=4096,  # a streaming model's loss past block_size over this much val text read as one
     val_windows=16,  # quality: the first N fixed windows of val.bin (N * block_size characters)
     exit_criterion='saturation',  # early exit's decode setting in the table
     exit_threshold=0.9,
@@ -157,7 +158,18 @@ def measure(name, m, base, data, cfg, prompts, sync):
                                      cfg['reference_runs'], cfg['past_tokens'], sync)
         row.update(past_tok_s=past['a']['median'], past_vs_reference=past['ratio'],
                    past_reference_tok_s=past['b']['median'])
+    if getattr(m, 'streams', False):
+        row.update(stream_quality(m, data, cfg))
     return row
+
+
+def stream_quality(m, data, cfg):
+    """Does streaming cost quality? The val text's first stream_eval_tokens read as one stream, against the
+    same positions past block_size scored in fixed block_size windows (each window's context starts afresh)."""
+    n, T = cfg['stream_eval_tokens'], m.config.block_size
+    inside, past = streaming_loss(m, data, n, device=cfg['device'])
+    windows = evaluate_loss(m, data[T:n + 1], T, cfg['batch'], (n - T) // T, cfg['device'])
+    return dict(stream_loss_inside_block=inside, stream_loss_past_block=past, window_loss_past_block=windows)
 
 
 def exit_sweep(m, base, data, cfg, prompts, sync):
@@ -204,11 +216,14 @@ def report(results, cfg, header):
         print(fmt_row(name, r, base['val_loss']))
     print(f"\n{cfg['past_tokens']} new tokens, past block_size, batch 1, against the baseline's uncached reference "
           f"path ({base['past_reference_tok_s']:,.0f} tok/s):\n")
-    print("| model | tok/s | vs uncached reference |\n|---|---|---|")
+    print(f"| model | tok/s | vs uncached reference | loss past block_size, streamed over {cfg['stream_eval_tokens']:,} "
+          f"val tokens | the same positions in fixed windows |\n|---|---|---|---|---|")
     for name, r in rows.items():
         if 'past_tok_s' in r:
             x = r['past_vs_reference']
-            print(f"| {name} | {r['past_tok_s']:,.0f} | {x['median']:.1f}x ({x['min']:.1f}-{x['max']:.1f}) |")
+            losses = (f"{r['stream_loss_past_block']:.4f} | {r['window_loss_past_block']:.4f}"
+                      if 'stream_loss_past_block' in r else '— | —')
+            print(f"| {name} | {r['past_tok_s']:,.0f} | {x['median']:.1f}x ({x['min']:.1f}-{x['max']:.1f}) | {losses} |")
 
 
 def plot(results, folder):

@@ -100,3 +100,22 @@ def decode_consistent_loss(model, data, block_size, max_windows, criterion=None,
     model.train(was_training)
     return dict(loss=total / count, tokens=count, mean_exit_layer=depth / count, flops_per_token=flops / count,
                 exit_layer_counts=exits)
+
+
+@torch.no_grad()
+def streaming_loss(model, data, n_tokens, chunk=64, device='cpu'):
+    """Loss of a streaming model (model.streams) over the first n_tokens of data read as one text, fed
+    through its caches chunk tokens at a time: what generation past block_size sees, no window ever
+    recomputed. Returns the mean loss in nats/token over positions < block_size and over the rest."""
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(1)
+    x = torch.from_numpy(data[:n_tokens + 1].astype(np.int64)).to(device)
+    losses = []
+    for s in range(0, n_tokens, chunk):
+        e = min(s + chunk, n_tokens)
+        logits, _ = model(x[None, s:e], x[None, s + 1:e + 1], cache=cache)  # targets: every position's logits
+        losses.append(F.cross_entropy(logits[0].float(), x[s + 1:e + 1], reduction='none'))
+    model.train(was_training)
+    losses, T = torch.cat(losses), model.config.block_size
+    return losses[:T].mean().item(), losses[T:].mean().item()

@@ -4,11 +4,13 @@ measures it (bench_suite.py)."""
 import os
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 
 import bench_suite
 from configurator import load_config_file
+from evaluate import streaming_loss
 from hierarchical_modules import groups_closed
 from model import GPTConfig
 from model_efficient import EfficientGPT, EfficientGPTConfig
@@ -108,3 +110,14 @@ def test_report_of_an_earlier_run(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert '| efficient_gpt | 1,000 | 2.50x (2.50-2.50) |' in out and '+1.0%' in out
     assert '| uncached reference' in out and '1/7.0' in out and '| efficient_gpt | 2,100 | 30.0x' in out
+
+
+def test_streaming_loss_scores_what_the_whole_text_forward_scores():
+    model = tiny_combined()
+    data = np.random.default_rng(0).integers(0, 50, 101).astype(np.uint16)
+    inside, past = streaming_loss(model, data, 100, chunk=7)  # block_size 32: 68 positions past it
+    x = torch.from_numpy(data.astype(np.int64))
+    logits, _ = model(x[None, :100], x[None, 1:101])  # uncached, whole text (a streaming model has no limit)
+    losses = torch.nn.functional.cross_entropy(logits[0], x[1:101], reduction='none')
+    assert inside == pytest.approx(losses[:32].mean().item(), rel=1e-4)
+    assert past == pytest.approx(losses[32:].mean().item(), rel=1e-4)
