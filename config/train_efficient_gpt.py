@@ -19,6 +19,6 @@ pos_emb = 'rope'
 enable_local_attention = True
 local_attention_window = 64
 # Left off, each measured alone on this model (README): top-k and MoE MLPs slow batch-1 decode at 128
-# dims (the gathered down-projection and the router cost more than they skip); ACT slows it too (0.65x);
-# early exit does not combine with the hourglass or rope (its decoder steps full-resolution layers with
-# plain caches), and alone it reached 2.19x only at +4.5% loss.
+# dims (0.80x and 0.66x: the gathered down-projection and the router cost more than they skip); ACT slows
+# it too (0.68x); early exit does not combine with the hourglass or rope (its decoder steps full-resolution
+# layers with plain caches), and alone it reached 1.9x only at +4.5% loss.
