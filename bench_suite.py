@@ -8,7 +8,6 @@ Prints a Markdown table, writes every figure to --json and, with --plot=DIR, two
 """
 
 import json
-import math
 import os
 import platform
 import resource

@@ -6,7 +6,6 @@ computes with the same weights (the parameter names are the same, so state dicts
 
 from dataclasses import dataclass, replace
 
-import torch
 import torch.nn as nn
 
 from early_exit import CRITERIA, DECODE, ExitHeads, ExitPoint, keep_output, no_losses
