@@ -45,6 +45,7 @@ DEFAULTS = dict(
     eval_interval=100,  # passed to every training: its evaluations give the time to target_loss
     device='cpu',  # 'cuda' trains and measures on the GPU
     dtype='auto',  # auto: bfloat16 autocast on a GPU that supports it, float32 elsewhere
+    compile=False,  # torch.compile every model measured (the first calls of each compile it: minutes)
     threads=1,  # torch threads while measuring (batch-1 decode is per-op overhead: threads don't help it)
     runs=5,  # timed runs of each side, alternating A B A B
     reference_runs=2,  # for the pairs with a batch-16 or past-block_size reference side (seconds per run)
@@ -94,9 +95,12 @@ def train_missing(names, cfg):
             done.result()
 
 
-def load(name, device):
-    ckpt = load_checkpoint(os.path.join(out_dir_of(MODELS[name][0]), 'ckpt.pt'), device)
-    return model_from_checkpoint(ckpt)[0].to(device).eval(), ckpt
+def load(name, cfg):
+    ckpt = load_checkpoint(os.path.join(out_dir_of(MODELS[name][0]), 'ckpt.pt'), cfg['device'])
+    model = model_from_checkpoint(ckpt)[0].to(cfg['device']).eval()
+    if cfg['compile']:
+        model.compile()  # compiles model(...), which every decode path calls
+    return model, ckpt
 
 
 def training_figures(ckpt, target):
@@ -283,7 +287,7 @@ def main():
     device = cfg['device']
     dtype = pick_dtype(cfg['dtype'], device)
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
-    base, base_ckpt = load('baseline', device)
+    base, base_ckpt = load('baseline', cfg)
     data = np.memmap(os.path.join(REPO, 'data', 'shakespeare_char', 'val.bin'), dtype=np.uint16, mode='r')
     prompts = torch.randint(base.config.vocab_size, (cfg['batch'], 1), device=device)
     results = dict(config=cfg, rows={}, torch=torch.__version__, threads=torch.get_num_threads(), device=device, dtype=dtype,
@@ -291,7 +295,7 @@ def main():
                    load_average=os.getloadavg())
     with torch.no_grad(), autocast(device, dtype):
         for name in tqdm(names, unit='model', desc='measuring'):
-            m, ckpt = (base, base_ckpt) if name == 'baseline' else load(name, device)
+            m, ckpt = (base, base_ckpt) if name == 'baseline' else load(name, cfg)
             row = measure(name, m, base, data, cfg, prompts, sync)
             results['rows'][name] = {**row, **training_figures(ckpt, cfg['target_loss'])}
             if name == 'early_exit':
@@ -299,7 +303,7 @@ def main():
     results['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results['seconds'] = time.time() - start
     header = (f"bench_suite.py {' '.join(sys.argv[1:])}: {results['date']}, {results['machine']}, torch {torch.__version__}, "
-              f"{device}, {dtype}, {results['threads']} thread(s), load average {results['load_average'][0]:.1f}, "
+              f"{device}, {dtype}, {'compiled' if cfg['compile'] else 'no compile'}, {results['threads']} thread(s), load average {results['load_average'][0]:.1f}, "
               f"{results['seconds'] / 60:.1f} min in all, peak RSS {results['peak_rss_bytes'] / 2**20:.0f} MiB")
     results['header'] = header
     report(results, cfg, header)

@@ -196,7 +196,9 @@ class RollingKVCache:
         T = k.size(2)
         if T == 1:  # the slot overwritten held a position that has left the window: write, then read
             slot = self.len if self.len < self.sinks else self.sinks + (self.len - self.sinks) % self.ring
-            self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, 0], v[:, :, 0], self.len
+            # slices, not an integer index: torch.compile then keeps the slot symbolic instead of recompiling per slot
+            self.k[:, :, slot:slot + 1], self.v[:, :, slot:slot + 1] = k, v
+            self.slot_pos[slot:slot + 1] = self.len
             self.len += 1
             if self.ring == self.window and self.prefix:
                 # every position held is in this query's window, and they fill the first slots: no mask
