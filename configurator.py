@@ -7,7 +7,9 @@ $ python train.py config/train_shakespeare_char.py --batch_size=32 --compile=Fal
 import ast
 import difflib
 import os
+import re
 import sys
+import traceback
 import types
 
 class ConfigError(ValueError):
@@ -37,23 +39,47 @@ def load_config_file(path, namespace=None):
         raise ConfigError(f"config file not found: {path}")
     ns = dict(namespace or {})
     with open(path) as f:
-        exec(compile(f.read(), path, 'exec'), ns)
+        source = f.read()
+    try:
+        exec(compile(source, path, 'exec'), ns)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # a NameError, a failed import: name the file's line, not the configurator's
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), '?')
+        raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
     # imports, helper functions and _private names are the file's own business, not settings
     return {k: v for k, v in ns.items()
             if not k.startswith('_') and not isinstance(v, types.ModuleType) and not callable(v)}
 
-def _print_help(defaults, description):
+# `key = value  # text`, `key: type = value  # text` (a dataclass field) or `key=value,  # text` (a dict entry)
+_COMMENTED = re.compile(r"^\s*(\w+)\s*(?::[^=]+)?=[^#]*#\s*(.+)$")
+
+def describe(*paths):
+    """{key: its one-line description}, read from the comment beside each default in these source files:
+    the defaults block is the documentation, so --help never drifts from it."""
+    text = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                m = _COMMENTED.match(line)
+                if m and m.group(1) not in text:
+                    text[m.group(1)] = m.group(2).strip()
+    return text
+
+def _print_help(defaults, description, descriptions):
     if description:
         print(description.strip() + '\n')
     print(f"usage: python {os.path.basename(sys.argv[0])} [config_file ...] [--key=value ...]\n")
     width = max(map(len, defaults), default=0)
     for k, v in defaults.items():
-        print(f"  --{k.ljust(width)}  default: {v!r}")
+        line = f"  --{k.ljust(width)}  {v!r}"
+        print(f"{line:<{width + 24}}  {descriptions[k]}" if k in descriptions else line)
 
-def configure(defaults, argv, description=''):
-    """Resolve defaults <- config files (in order) <- --key=value overrides (left to right)."""
+def configure(defaults, argv, description='', descriptions=None):
+    """Resolve defaults <- config files (in order) <- --key=value overrides (left to right).
+    A bool key given bare (--compile) is True. descriptions: {key: text} for --help (see describe)."""
     if '--help' in argv or '-h' in argv:
-        _print_help(defaults, description)
+        _print_help(defaults, description, descriptions or {})
         raise SystemExit(0)
     config = dict(defaults)
     files = [a for a in argv if not a.startswith('--')]
@@ -68,7 +94,9 @@ def configure(defaults, argv, description=''):
         key, sep, raw = arg[2:].partition('=')
         if key not in defaults:
             raise _unknown_key(key, list(defaults), "command line")
-        if not sep:
+        if not sep and type(defaults[key]) is bool:
+            raw = 'True'
+        elif not sep:
             raise ConfigError(f"--{key} needs a value, e.g. --{key}={defaults[key]!r}")
         try:
             value = ast.literal_eval(raw)
@@ -79,10 +107,10 @@ def configure(defaults, argv, description=''):
         config[key] = _check(key, value, defaults[key], "command line")
     return config
 
-def configure_or_exit(defaults, argv, description=''):
+def configure_or_exit(defaults, argv, description='', descriptions=None):
     """configure(), but a ConfigError becomes 'error: ...' on stderr and exit status 2."""
     try:
-        return configure(defaults, argv, description)
+        return configure(defaults, argv, description, descriptions)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,7 @@ DDP on 4 GPUs of one node (gloo on CPU: add --device=cpu):
 $ torchrun --standalone --nproc_per_node=4 train_efficient.py config/train_shakespeare_char.py
 """
 
+import inspect
 import math
 import os
 import signal
@@ -28,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import build_model, load_checkpoint, model_checkpoint, save_checkpoint
-from configurator import configure_or_exit, print_config
+from common import autocast, dataset_dir, fail, pick_device, pick_dtype
+from configurator import configure_or_exit, describe, print_config
 from evaluate import bits, evaluate_loss
 from incremental_learning import IncrementalLearner, task_files
 from model import GPTConfig
@@ -87,14 +89,10 @@ model_defaults = {f.name: f.default for f in fields(EfficientGPTConfig) if f.nam
 model_defaults.update(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
 script_defaults = {k: v for k, v in globals().items()
                    if not k.startswith('_') and isinstance(v, (int, float, bool, str)) and k not in ('math', 'np')}
-config = configure_or_exit({**script_defaults, **model_defaults}, sys.argv[1:], __doc__)
+config = configure_or_exit({**script_defaults, **model_defaults}, sys.argv[1:], __doc__,
+                           describe(__file__, *map(inspect.getsourcefile, (EfficientGPTConfig, GPTConfig))))
 globals().update(config)
 # -----------------------------------------------------------------------------
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if model_type not in ('gpt', 'efficient'):
@@ -112,8 +110,7 @@ if init_from not in ('scratch', 'resume'):
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun launch?
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device = pick_device(device)
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
 if ddp:
     init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
@@ -135,13 +132,11 @@ if master_process:
 torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type != 'cuda' or dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+dtype = pick_dtype(dtype, device)
+ctx = autocast(device, dtype)
 
 # data: memmaps are re-created per batch to avoid a memory leak (as in nanoGPT)
-data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+data_dir = dataset_dir(dataset)
 if master_process:
     try:
         ensure_prepared(data_dir, task_files(incremental_tasks) if incremental_tasks else ('train.bin', 'val.bin'))
