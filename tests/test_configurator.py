@@ -1,6 +1,6 @@
 import pytest
 
-from configurator import ConfigError, configure, configure_or_exit, print_config
+from configurator import ConfigError, configure, configure_or_exit, describe, print_config
 
 DEFAULTS = {'n_layer': 12, 'n_head': 12, 'dropout': 0.0, 'learning_rate': 6e-4,
             'compile': True, 'dataset': 'openwebtext', 'seed': None}
@@ -86,9 +86,23 @@ def test_help_lists_every_key_and_default(capsys):
     with pytest.raises(SystemExit):
         configure(DEFAULTS, ['-h'])
 
-def test_key_without_value_errors():
-    with pytest.raises(ConfigError, match=r"--compile needs a value"):
-        configure(DEFAULTS, ['--compile'])
+def test_key_without_value_errors_unless_bool():
+    with pytest.raises(ConfigError, match=r"--n_layer needs a value"):
+        configure(DEFAULTS, ['--n_layer'])
+    assert configure({**DEFAULTS, 'compile': False}, ['--compile'])['compile'] is True
+
+def test_help_shows_each_keys_comment(tmp_path, capsys):
+    source = write(tmp_path, 'defaults.py', "n_layer = 12  # transformer blocks\nfields = dict(\n    seed=None,  # random seed\n)\n")
+    with pytest.raises(SystemExit) as e:
+        configure(DEFAULTS, ['--help'], descriptions=describe(source))
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and 'transformer blocks' in out and 'random seed' in out
+
+def test_config_file_errors_name_file_and_line(tmp_path):
+    for text, what in (('n_layer = 6\nn_head = (\n', 'never closed'), ('n_layer = 6\nn_head = nope\n', 'NameError')):
+        path = write(tmp_path, 'cfg.py', text)
+        with pytest.raises(ConfigError, match=rf"cfg.py, line 2: .*{what}"):
+            configure(DEFAULTS, [path])
 
 def test_configure_or_exit_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
