@@ -1,5 +1,5 @@
 """
-Early exit (mechanism 1): answer easy tokens from a shallow layer, think deeper only when needed.
+Early exit: answer easy tokens from a shallow layer, think deeper only when needed.
 
 Training (LayerSkip): every exit layer's output is decoded through the model's own ln_f and lm_head
 (shared, not a per-exit norm: no new parameters, and the loss teaches the residual stream to be readable
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import sample_next
+from model import decode_tokens, sample_next, token_probs, weights_cost
 
 
 def keep_output(x, y, training):
@@ -140,12 +140,12 @@ def folded_kv(blocks):
 
 
 def flop_costs(model):
-    """FLOPs (2 per multiply-add) of the pieces a decode engine runs for one token, counted like
-    bench.py's dense figure: a layer's weights, attention per key, the head, a K/V propagation."""
-    c = model.config
+    """FLOPs of the pieces a decode engine runs for one token, from the modules' own costs (model.Cost):
+    a layer over no keys, attention per key, the head, a K/V propagation into one layer. Read once, so
+    the decode loop only adds numbers."""
     block = model.transformer.h[0]
-    return dict(layer=2 * sum(p.numel() for p in block.parameters()), attn_per_key=2 * 2 * c.n_embd,
-                head=2 * (model.lm_head.weight.numel() + c.n_embd), kv=2 * 2 * c.n_embd * c.n_embd)
+    return dict(layer=block.cost(0).flops, attn_per_key=block.attn.cost(1).flops - block.attn.cost(0).flops,
+                head=model.head_cost().flops, kv=weights_cost(block.attn.c_attn.weight[block.attn.n_embd:]).flops)
 
 
 class EarlyExitDecoder:
@@ -159,8 +159,23 @@ class EarlyExitDecoder:
         self.threshold = c.exit_threshold if threshold is None else threshold
         self.cache = model.new_cache(1)
         self.cost, self.flops = flop_costs(model), 0.0
+        self.depths, self.stepped, self.fallback = [], 0, 0  # layers run per call; step() calls; calls past block_size
         # per exit layer, the folded K/V weights of every layer after it (recomputed per decoder: weights may train)
         self.propagation = [folded_kv(self.blocks[l + 1:]) if e else None for l, e in enumerate(model.plan.exit)]
+
+    def next_logits(self, idx):
+        """Logits (1, V) of the token after idx (1, T), for model.decode_tokens: one new token inside the
+        context goes through step(); a prompt of several tokens, and every step past block_size, run the
+        full model (GPT.next_logits), which counts as every layer run."""
+        inside = idx.size(1) <= self.model.config.block_size
+        if inside and idx.size(1) - self.cache[0].len == 1:
+            logits, depth = self.step(idx[:, -1:])
+            self.stepped += 1
+        else:
+            logits, depth = self.model.next_logits(idx, self.cache), len(self.blocks)
+            self.fallback += not inside
+        self.depths.append(depth)
+        return logits
 
     def step(self, token):
         """token (1, 1) at the next position -> (logits (1, V) for the token after it, layers run)."""
@@ -192,43 +207,24 @@ class EarlyExitDecoder:
         self.flops += self.cost['kv'] * len(skipped)
 
 
-def stream_early_exit(model, idx, max_new_tokens, temperature, top_k, generator, stats, vocab_size=None):
-    """Yield each new token (1, 1) of idx (1, T) as it is sampled, with the number of layers that produced
-    its distribution; fills stats at the end. vocab_size cuts the logits (a padded embedding table's
-    extra rows are not tokens)."""
-    dec = EarlyExitDecoder(model)
-    L, T = model.config.n_layer, model.config.block_size
-    logits, depth = model.next_logits(idx, dec.cache), L  # the prompt runs through every layer
-    depths, fallback = [], 0
-    for i in range(max_new_tokens):
-        depths.append(depth)
-        idx_next = sample_next(logits[:, :vocab_size], temperature, top_k, generator)  # (1, 1)
-        yield idx_next, depth
-        idx = torch.cat((idx, idx_next), dim=1)
-        if i == max_new_tokens - 1:
-            break
-        if idx.size(1) <= T:
-            logits, depth = dec.step(idx_next)
-        else:  # past block_size: the full model over the cropped context
-            logits, depth = model.next_logits(idx, dec.cache), L
-            fallback += 1
+def stream_early_exit(model, idx, max_new_tokens, choose, stats, criterion=None, threshold=None):
+    """Yield each new token (1, 1) of idx (1, T) as it is chosen, with the number of layers that produced
+    its distribution; fills stats at the end. The token loop is model.decode_tokens over the decoder.
+    criterion and threshold override the config's decode-time settings."""
+    dec = EarlyExitDecoder(model, criterion, threshold)
+    for token in decode_tokens(dec.next_logits, idx, max_new_tokens, choose):
+        yield token, dec.depths[-1]
+    depths = dec.depths
     stats.update(exit_layers=depths, mean_exit_layer=sum(depths) / max(1, len(depths)),
-                 layers_run_fraction=sum(depths) / max(1, L * len(depths)), fallback_tokens=fallback,
-                 flops_per_token=dec.flops / max(1, len(depths) - 1 - fallback))
+                 layers_run_fraction=sum(depths) / max(1, model.config.n_layer * len(depths)),
+                 fallback_tokens=dec.fallback, flops_per_token=dec.flops / max(1, dec.stepped))
 
 
-def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats):
-    new = [t for t, _ in stream_early_exit(model, idx, max_new_tokens, temperature, top_k, generator, stats)]
-    return torch.cat([idx, *new], dim=1)
-
-
-def token_probs(logits, temperature, top_k):
-    """The distribution sample_next draws from: (..., V) logits -> (..., V) probabilities."""
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[..., [-1]], -float('inf'))
-    return F.softmax(logits, dim=-1)
+def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats, criterion=None,
+                      threshold=None):
+    choose = lambda logits: sample_next(logits, temperature, top_k, generator)  # noqa: E731
+    tokens = stream_early_exit(model, idx, max_new_tokens, choose, stats, criterion, threshold)
+    return torch.cat([idx, *(t for t, _ in tokens)], dim=1)
 
 
 def greedy_accept(drafts, draft_logits, logits, temperature, top_k, generator):
@@ -255,10 +251,12 @@ def rejection_accept(drafts, draft_logits, logits, temperature, top_k, generator
     return k, torch.cat((drafts[:k], torch.multinomial(residual, 1, generator=generator)))
 
 
-def speculative_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats):
+def speculative_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats, draft_layers=None,
+                       draft_tokens=None):
+    """draft_layers and draft_tokens override the config's spec_exit_layer and spec_draft_tokens."""
     c = model.config
-    L, T, gamma = c.n_layer, c.block_size, c.spec_draft_tokens
-    E = c.spec_exit_layer or L // 2
+    L, T, gamma = c.n_layer, c.block_size, draft_tokens or c.spec_draft_tokens
+    E = draft_layers or c.spec_exit_layer or L // 2
     blocks, cache, cost = model.transformer.h, model.new_cache(1), flop_costs(model)
     accept = greedy_accept if temperature == 0 else rejection_accept
     # invariant: every layer's cache holds positions 0 .. idx.size(1) - 2; the last token is not yet fed

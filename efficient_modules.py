@@ -2,9 +2,12 @@
 The interchangeable parts of an EfficientGPT block. Each slot has a registry, and a block fills its
 slots once in __init__ from the layer plan (model_efficient.LayerPlan):
 
-    ATTN[kind](config, layer) -> module with forward(x, cache=None) -> y          x, y: (B, T, C)
-    FFN[kind](config, layer)  -> module with forward(x) -> y                      x, y: (B, T, C)
+    ATTN[kind](config) -> module with forward(x, cache=None) -> y, and cost(keys)     x, y: (B, T, C)
+    FFN[kind](config)  -> module with forward(x) -> y, and cost()                      x, y: (B, T, C)
     CACHE[attn kind](config, batch_size, max_len, device, dtype, rollback) -> the KV cache attention reads
+
+cost() is the model.Cost (FLOPs, weight bytes) one token executes on the path forward runs now, which the
+model sums into its decode cost.
 
 A module that adds a training loss stores it in `self.aux = {name: (weight, value)}` during forward;
 EfficientGPT.aux_losses() gathers them and the training script adds Σ weight·value to the LM loss.
@@ -15,7 +18,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from local_attention import LocalSelfAttention, RollingKVCache, RotarySelfAttention
-from model import MLP, CausalSelfAttention, KVCache
+from model import MLP, CausalSelfAttention, KVCache, block_cost, module_cost, weights_cost
 
 
 class TopKMLP(MLP):
@@ -75,11 +78,10 @@ class TopKMLP(MLP):
             self._rows = (key, w.detach().t().contiguous())
         return self._rows[1]
 
-    def flops_per_token(self):
-        """Matmul FLOPs (2 per multiply-add) one token executes on the path forward runs now."""
-        C = self.c_fc.in_features
-        down = self.k if self.gather and not self.training else self.hidden
-        return 2 * C * self.hidden + 2 * down * C
+    def cost(self):
+        """The whole up-projection, then k of the 4C rows of the down-projection when gathered (all when masked)."""
+        down = self.k / self.hidden if self.gather and not self.training else 1.0
+        return module_cost(self.c_fc) + module_cost(self.c_proj) * down
 
 
 def set_topk_gather(model, gather):
@@ -165,10 +167,9 @@ class MoEMLP(nn.Module):
         z = torch.logsumexp(logits, dim=-1).square().mean()
         return {'moe_balance': (self.aux_weights[0], balance), 'router_z': (self.aux_weights[1], z)}
 
-    def flops_per_token(self):
-        """Matmul FLOPs (2 per multiply-add) one token executes: the router and top_k experts."""
-        C, E = self.router.in_features, self.num_experts
-        return 2 * C * E + self.top_k * 2 * 2 * C * 4 * C
+    def cost(self):
+        """The router and top_k of the experts: at batch 1 only the chosen experts' weights are read."""
+        return module_cost(self.router) + self.experts[0].cost() * self.top_k
 
     def reset_expert_load(self):
         # token-expert assignments per expert since the last reset, counted on the host (the split sizes
@@ -180,18 +181,11 @@ class MoEMLP(nn.Module):
         return [n / max(1, sum(self.expert_tokens)) for n in self.expert_tokens]
 
 
-def ffn_flops_per_token(mlp):
-    """Matmul FLOPs one token executes in an FFN slot: the module's own count, or a dense MLP's."""
-    if hasattr(mlp, 'flops_per_token'):
-        return mlp.flops_per_token()
-    return 2 * (mlp.c_fc.weight.numel() + mlp.c_proj.weight.numel())
-
-
 ATTN = {
-    'full': lambda config, layer: CausalSelfAttention(config),
-    'full_rope': lambda config, layer: RotarySelfAttention(config),
-    'local': lambda config, layer: LocalSelfAttention(config, rope=False),
-    'local_rope': lambda config, layer: LocalSelfAttention(config, rope=True),
+    'full': CausalSelfAttention,
+    'full_rope': RotarySelfAttention,
+    'local': lambda config: LocalSelfAttention(config, rope=False),
+    'local_rope': lambda config: LocalSelfAttention(config, rope=True),
 }
 
 
@@ -206,11 +200,7 @@ def rolling_cache(c, batch_size, max_len, device, dtype, rollback):  # w (+ sink
 
 CACHE = {'full': full_cache, 'full_rope': full_cache, 'local': rolling_cache, 'local_rope': rolling_cache}
 
-FFN = {
-    'dense': lambda config, layer: MLP(config),
-    'topk': lambda config, layer: TopKMLP(config),
-    'moe': lambda config, layer: MoEMLP(config),
-}
+FFN = {'dense': MLP, 'topk': TopKMLP, 'moe': MoEMLP}
 
 
 class StepCaches(list):
@@ -256,6 +246,7 @@ class Ponder(nn.Module):
         self.ponder_cost = config.ponder_cost
         self.aux = {}
         self.steps = None  # (B, T) ponder steps of each token in the last forward, for statistics
+        self.reset_step_count()
 
     def forward(self, x, cache=None):
         B, T, _ = x.shape
@@ -282,10 +273,27 @@ class Ponder(nn.Module):
                 append_kv(self.block.attn, self.block.ln_1(state), c)
         self.steps = steps
         self.aux = {'ponder': (self.ponder_cost, (steps + remainder).mean())}
+        if not self.training:  # a tensor sum: counting adds no host sync to decode
+            self.steps_run, self.positions_run = self.steps_run + steps.sum(), self.positions_run + steps.numel()
         return out
+
+    def reset_step_count(self):
+        self.steps_run, self.positions_run = 0, 0  # ponder steps and positions run in eval since the reset
+
+    def mean_steps(self):
+        """Mean ponder steps per position run in eval since reset_step_count(); None before any."""
+        return float(self.steps_run) / self.positions_run if self.positions_run else None
 
     def new_cache(self, make_cache, max_len):
         return StepCaches(make_cache(max_len) for _ in range(self.max_steps))
+
+    def cost(self, keys):
+        """A token that ponders the measured mean steps (mean_steps(); all of them before any were counted):
+        the block and the halting unit per step, then one K/V projection of the final state per step skipped."""
+        steps = self.mean_steps() or self.max_steps
+        C = self.block.attn.n_embd
+        kv = weights_cost(self.block.attn.c_attn.weight[C:])  # the K and V rows (2C, C)
+        return (block_cost(self.block, keys) + module_cost(self.halt)) * steps + kv * (self.max_steps - steps)
 
 
 def append_kv(attn, x, cache):

@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from early_exit import EarlyExitDecoder
+from model import decode_tokens
 
 
 def fixed_windows(data, block_size, max_windows=None):
@@ -52,25 +53,39 @@ def bits(nats):
     return nats / math.log(2)
 
 
+def teacher_forced(next_logits, x, y, after_step=None):
+    """Summed cross-entropy of windows x (B, T) with targets y (B, T), teacher-forced through a decoder's
+    next_logits with the shared token loop (model.decode_tokens): the prompt is x's first token and each
+    token 'chosen' is the true next one, so the distribution every decode step produced is scored."""
+    total, t = 0.0, 0
+
+    def choose(logits):  # (B, V) -> the true token (B, 1)
+        nonlocal total, t
+        total += F.cross_entropy(logits.float(), y[:, t], reduction='sum').item()
+        if after_step is not None:
+            after_step()
+        t += 1
+        return y[:, t - 1:t]
+    for _ in decode_tokens(next_logits, x[:, :1], x.size(1), choose):
+        pass
+    return total
+
+
 @torch.no_grad()
 def teacher_forced_decode_loss(model, data, block_size, batch_size=16, max_windows=None, device='cpu', ctx=None,
                                on_step=None):
-    """Decode-consistent loss: the fixed windows of evaluate_loss teacher-forced through
-    the cached decode engine one token at a time (model(x[:, t:t+1], cache=...)), scoring the
-    distribution each step actually produced. For mechanisms whose decode may differ from the training
-    forward (ACT halting). on_step(model), if given, runs after every step (to read statistics).
-    Returns (mean nats per token, tokens scored)."""
+    """Decode-consistent loss: the fixed windows of evaluate_loss teacher-forced through the cached decode
+    engine one token at a time, scoring the distribution each step actually produced. For mechanisms whose
+    decode may differ from the training forward (ACT halting). on_step(model), if given, runs after every
+    step (to read statistics). Returns (mean nats per token, tokens scored)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in window_batches(data, block_size, batch_size, max_windows, device):
         cache = model.new_cache(x.size(0))
-        for t in range(block_size):
-            with ctx or nullcontext():
-                logits, _ = model(x[:, t:t + 1], cache=cache)  # (B, 1, vocab)
-            total += F.cross_entropy(logits[:, -1].float(), y[:, t], reduction='sum').item()
-            if on_step is not None:
-                on_step(model)
+        with ctx or nullcontext():
+            total += teacher_forced(lambda idx: model.next_logits(idx, cache), x, y,
+                                    on_step and (lambda: on_step(model)))
         count += y.numel()
     model.train(was_training)
     return total / count, count
@@ -88,14 +103,11 @@ def decode_consistent_loss(model, data, block_size, max_windows, criterion=None,
     model.eval()
     total, depth, flops, count = 0.0, 0, 0.0, 0
     exits = [0] * model.config.n_layer  # tokens answered after 1, 2, .. n_layer layers
-    for s in fixed_windows(data, block_size, max_windows):
-        x = torch.from_numpy(data[s:s + block_size].astype(np.int64)).to(device)[None]  # (1, T)
-        y = torch.from_numpy(data[s + 1:s + 1 + block_size].astype(np.int64)).to(device)  # (T,)
+    for x, y in window_batches(data, block_size, 1, max_windows, device):
         dec = EarlyExitDecoder(model, criterion, threshold)
-        logits, layers = zip(*(dec.step(x[:, t:t + 1]) for t in range(block_size)))
-        total += F.cross_entropy(torch.cat(logits), y, reduction='sum').item()
-        depth, flops, count = depth + sum(layers), flops + dec.flops, count + block_size
-        for n in layers:
+        total += teacher_forced(dec.next_logits, x, y)
+        depth, flops, count = depth + sum(dec.depths), flops + dec.flops, count + block_size
+        for n in dec.depths:
             exits[n - 1] += 1
     model.train(was_training)
     return dict(loss=total / count, tokens=count, mean_exit_layer=depth / count, flops_per_token=flops / count,

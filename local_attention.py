@@ -1,5 +1,5 @@
 """
-Local (sliding-window) attention, rotary positions and the rolling KV cache (mechanism 5).
+Local (sliding-window) attention, rotary positions and the rolling KV cache.
 
 Convention: with window w, the query at position t attends to itself and the w-1 positions before it
 (t-w+1 .. t). With s attention sinks (StreamingLLM) positions 0 .. s-1 also stay visible to every query.
@@ -164,6 +164,9 @@ class LocalSelfAttention(CausalSelfAttention):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def cost(self, keys):
+        return super().cost(min(keys, self.window + self.sinks))  # the window bounds the keys read
 
 
 class RollingKVCache:

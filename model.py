@@ -25,6 +25,32 @@ class GPTConfig:
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
 
 
+@dataclass
+class Cost:
+    """The work of one token at decode, counted from what runs: matmul FLOPs (2 per multiply-add) and the
+    bytes of weights read. Modules report theirs with cost(); the model sums them (GPT.decode_cost)."""
+    flops: float = 0.0
+    weight_bytes: float = 0.0
+
+    def __add__(self, other):
+        return Cost(self.flops + other.flops, self.weight_bytes + other.weight_bytes)
+
+    def __mul__(self, scale):
+        return Cost(self.flops * scale, self.weight_bytes * scale)
+
+    __rmul__ = __mul__
+
+
+def weights_cost(*tensors):
+    """Every element of these weight tensors read once and used in one multiply-add."""
+    return Cost(2 * sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors))
+
+
+def module_cost(module):
+    """A module whose every parameter is used once per token (a dense Linear, an MLP, a LayerNorm)."""
+    return weights_cost(*module.parameters())
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
 
@@ -100,6 +126,10 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def cost(self, keys):
+        """One query: the projections, then q.k and att.v over `keys` cached positions."""
+        return module_cost(self) + Cost(2 * 2 * self.n_embd * keys)
+
 
 def attend(q, k, v, dropout_p=0.0):
     """Causal attention of T queries (the last T positions) over S >= T keys. (B, nh, T, hs)"""
@@ -123,6 +153,9 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
+    def cost(self):
+        return module_cost(self)
+
 
 class Block(nn.Module):
 
@@ -138,17 +171,42 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x
 
+    def cost(self, keys):
+        return block_cost(self, keys)
 
-def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """Next token (B, 1) from last-position logits (B, vocab). temperature 0 means greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+
+def block_cost(block, keys):
+    """A pre-norm block over one token that attends to `keys` positions: its slots as they execute."""
+    return module_cost(block.ln_1) + block.attn.cost(keys) + module_cost(block.ln_2) + block.mlp.cost()
+
+
+def token_probs(logits, temperature, top_k=None):
+    """The distribution a token is drawn from: (..., V) logits -> (..., V) probabilities (temperature > 0)."""
     logits = logits / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+        logits = logits.masked_fill(logits < v[..., [-1]], -float('inf'))
+    return F.softmax(logits, dim=-1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """The one sampler: next token (B, 1) from last-position logits (B, vocab). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(token_probs(logits, temperature, top_k), num_samples=1, generator=generator)
+
+
+def decode_tokens(next_logits, idx, max_new_tokens, choose):
+    """The token loop of every decoder, evaluator and timer: yields each new token (B, 1) as it is chosen.
+    next_logits(idx) gives the (B, V) logits of the token after idx (B, T); choose(logits) gives that token
+    (a sampler, or the true next token when teacher forcing). The tokens go into a preallocated buffer and
+    next_logits reads a view of it, so a step costs the same at the 100,000th token as at the first."""
+    B, T = idx.shape
+    buf = idx.new_empty(B, T + max_new_tokens)
+    buf[:, :T] = idx
+    for t in range(T, T + max_new_tokens):
+        buf[:, t:t + 1] = choose(next_logits(buf[:, :t]))
+        yield buf[:, t:t + 1]
 
 
 def decoding(generate):
@@ -244,12 +302,6 @@ class GPT(nn.Module):
         return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
                         device or p.device, dtype or p.dtype) for _ in range(c.n_layer)]
 
-    def crop_block_size(self, block_size):
-        # model surgery to decrease the block size if necessary
-        assert block_size <= self.config.block_size
-        self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # every 2D parameter (matmul weights, embeddings) decays; biases and norms don't
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
@@ -263,14 +315,15 @@ class GPT(nn.Module):
         extra_args = dict(fused=True) if fused_available and device_type == 'cuda' else dict()
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt):
-        """Model FLOPs utilization in units of A100 bf16 peak (PaLM paper, appendix B)."""
-        N = self.get_num_params()
-        cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * N + 12 * L * H * Q * T
-        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
-        return flops_per_iter * (1.0 / dt) / 312e12
+    def head_cost(self):
+        """The final norm and the LM head over one position."""
+        return module_cost(self.transformer.ln_f) + weights_cost(self.lm_head.weight)
+
+    def decode_cost(self, keys):
+        """Work of one generated token that attends to `keys` positions: every layer, then the head (the
+        token's embedding row is a lookup, not a matmul). Equals 2 * get_num_params() + 4 * n_layer *
+        n_embd * keys FLOPs."""
+        return sum((block.cost(keys) for block in self.transformer.h), Cost()) + self.head_cost()
 
     def next_logits(self, idx, cache=None):
         """Logits (B, vocab) for the token after idx (B, T), seeing at most block_size tokens as
@@ -292,8 +345,6 @@ class GPT(nn.Module):
         """Continue idx (B, T) by max_new_tokens tokens. temperature=0 is greedy. use_cache=False is the
         reference path: recompute the (cropped) context every step, like nanoGPT."""
         cache = self.new_cache(idx.size(0)) if use_cache else None
-        for _ in range(max_new_tokens):
-            logits = self.next_logits(idx, cache)
-            idx_next = sample_next(logits, temperature, top_k, generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+        new = decode_tokens(lambda context: self.next_logits(context, cache), idx, max_new_tokens,
+                            lambda logits: sample_next(logits, temperature, top_k, generator))
+        return torch.cat((idx, *new), dim=1)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from early_exit import CRITERIA, DECODE, ExitHeads, ExitPoint, keep_output, no_losses
 from efficient_modules import ATTN, CACHE, FFN, Ponder
 from hierarchical_modules import Hourglass, HourglassState, groups_closed
-from model import GPT, GPTConfig, LayerNorm, decoding
+from model import GPT, GPTConfig, LayerNorm, block_cost, decoding, module_cost
 
 
 @dataclass
@@ -197,9 +197,9 @@ class EfficientBlock(nn.Module):
     def __init__(self, config, plan, layer):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = ATTN[plan.attn[layer]](config, layer)
+        self.attn = ATTN[plan.attn[layer]](config)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = FFN[plan.ffn[layer]](config, layer)
+        self.mlp = FFN[plan.ffn[layer]](config)
         # early exit: layer dropout, and the output kept for the exit loss; passes the output through when off
         self.exit = ExitPoint(config, layer) if config.enable_early_exit else keep_output
 
@@ -210,6 +210,9 @@ class EfficientBlock(nn.Module):
 
     def new_cache(self, make_cache, max_len):
         return make_cache(max_len)
+
+    def cost(self, keys):
+        return block_cost(self, keys)
 
 
 class EfficientGPT(GPT):
@@ -293,6 +296,21 @@ class EfficientGPT(GPT):
             caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype, rollback))
         return caches
 
+    def decode_cost(self, keys):
+        """Work of one generated token attending to `keys` positions, as the cached decode runs it: a shortened
+        layer (and the hourglass's upsampling) runs once per k tokens over keys/k groups. Slots count their own
+        work as executed: a local layer its window, top-k its k rows, MoE its chosen experts, a pondering layer
+        its measured mean steps."""
+        k, total = self.config.hierarchy_factor, self.head_cost()
+        for i, block in enumerate(self.transformer.h):
+            if self.plan.shortened[i]:
+                total = total + block.cost(keys / k) * (1 / k)
+            else:
+                total = total + block.cost(keys)
+        if self.hourglass is not None:
+            total = total + module_cost(self.hourglass) * (1 / k)
+        return total
+
     def truncate_cache(self, cache, n):
         """Roll a cache from new_cache back to its first n positions (the shortened layers' caches to
         the groups closed by then), e.g. after rejected speculative tokens."""
@@ -309,10 +327,12 @@ class EfficientGPT(GPT):
 
     @decoding
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None,
-                 decode='full', stats=None):
+                 decode='full', stats=None, **policy):
         """GPT.generate with a choice of decode engine (early_exit.DECODE): 'full' runs every layer (the
         baseline's cached path, exactly); 'early_exit' and 'speculative' (batch 1, cached) skip work.
-        stats: a dict that receives what the engine measured (exit layers, acceptance, layers run)."""
+        stats: a dict that receives what the engine measured (exit layers, acceptance, layers run).
+        policy: the engine's settings, overriding the config's (early_exit: criterion, threshold;
+        speculative: draft_layers, draft_tokens), so a sweep never edits the model."""
         if decode == 'full':
             return super().generate(idx, max_new_tokens, temperature, top_k, use_cache, generator)
         if decode not in DECODE:
@@ -320,7 +340,7 @@ class EfficientGPT(GPT):
         if not self.config.enable_early_exit or idx.size(0) != 1 or not use_cache:
             raise ValueError(f"decode={decode!r} needs enable_early_exit, batch 1 and use_cache=True")
         return DECODE[decode](self, idx, max_new_tokens, temperature, top_k, generator,
-                              {} if stats is None else stats)
+                              {} if stats is None else stats, **policy)
 
     def aux_losses(self):
         """{name: (weight, value)} summed over the modules that produced one in the last forward."""

@@ -1,61 +1,66 @@
 """
 Sample text from a trained model (an EfficientGPT checkpoint or one written by nanoGPT's train.py),
 printing every token as soon as it is generated.
-$ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2 --max_new_tokens=200
+$ python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=2 --max_new_tokens=200
+Type prompts and watch each continuation stream, until Ctrl-D:
+$ python sample.py --out_dir=out-shakespeare-char-cpu --interactive
 An early-exit checkpoint can show which characters were easy: each one coloured by the layer it exited at.
 $ python sample.py --out_dir=out-bench-early-exit --show_compute
 """
 
-import argparse
 import os
 import pickle
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from common import REPO, autocast, fail, pick_device, pick_dtype
+from configurator import configure_or_exit, describe
 from early_exit import stream_early_exit
-from model import sample_next
+from model import decode_tokens, sample_next
 from tokenizer import load_tokenizer
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+DEFAULTS = dict(
+    out_dir='out',  # directory holding ckpt.pt
+    ckpt='',  # a checkpoint file, instead of out_dir/ckpt.pt
+    start='\n',  # prompt text, or FILE:path to read it from a file
+    num_samples=3,  # samples to draw (per prompt with interactive)
+    max_new_tokens=500,  # tokens per sample
+    temperature=0.8,  # 1.0 unchanged, < 1 more conservative, 0 greedy; otherwise at least 0.001
+    top_k=200,  # sample from the top_k most likely tokens; 0: all
+    seed=1337,  # random seed of the sampling
+    device='auto',  # cpu, cuda, cuda:1, mps, or auto: cuda, then mps, then cpu
+    dtype='auto',  # auto: bfloat16 autocast on a GPU that supports it, float16 on older GPUs, else float32
+    compile=False,  # torch.compile the model
+    show_compute=False,  # early-exit checkpoints: mark each character by the layer it exited at
+    interactive=False,  # read prompts from the terminal, one continuation each, until Ctrl-D
+    data_root=os.path.join(REPO, 'data'),  # where a nanoGPT checkpoint finds <dataset>/meta.pkl
+)
 
 
-def pick_device(device):
-    if device != 'auto':
-        return device
-    if torch.cuda.is_available():
-        return 'cuda'
-    return 'mps' if torch.backends.mps.is_available() else 'cpu'
+def check_settings(cfg):
+    """Every value that would otherwise fail inside torch (or print garbage) is named before any work."""
+    t = cfg['temperature']
+    if not (t == 0 or 1e-3 <= t < float('inf')):
+        fail(f"--temperature must be 0 (greedy) or a finite number >= 0.001, not {t}")
+    for key, low in (('top_k', 0), ('num_samples', 1), ('max_new_tokens', 1)):
+        if cfg[key] < low:
+            fail(f"--{key} must be at least {low}, not {cfg[key]}")
 
 
-def pick_dtype(dtype, device):
-    """'auto' is bfloat16 autocast on a GPU that supports it, float32 everywhere else."""
-    if dtype == 'auto':
-        return 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-    return dtype
-
-
-def autocast(device, dtype):
-    """The context the model runs in: float32 runs as is, lower precisions under autocast."""
-    if dtype == 'float32':
-        return nullcontext()
-    return torch.autocast(device_type=device.split(':')[0], dtype=DTYPES[dtype])
+def sampler(temperature, top_k, vocab_size, generator=None):
+    """choose(logits (B, V)) -> token (B, 1) for the token loop. Logits are cut to the tokenizer's vocab_size:
+    a GPT-2 model pads its embedding table to 50304 rows, and the padding rows are not tokens."""
+    return lambda logits: sample_next(logits[:, :vocab_size], temperature, top_k or None, generator)
 
 
 @torch.inference_mode()  # no autograd bookkeeping on the many small ops of each step
-def stream_tokens(model, idx, max_new_tokens, temperature, top_k, vocab_size):
-    """Yield each new token id of idx (1, T) as soon as it is sampled: model.generate's cached loop,
-    one step at a time. Logits are cut to the tokenizer's vocab_size: a GPT-2 model pads its
-    embedding table to 50304 rows, and the padding rows are not tokens."""
+def stream_tokens(model, idx, max_new_tokens, choose):
+    """Yield each new token id of idx (1, T) as soon as it is chosen: generate's cached token loop."""
     cache = model.new_cache(1)
-    for _ in range(max_new_tokens):
-        logits = model.next_logits(idx, cache)[:, :vocab_size]  # (1, vocab); crops past block_size
-        idx_next = sample_next(logits, temperature, top_k)  # (1, 1)
-        idx = torch.cat((idx, idx_next), dim=1)
-        yield idx_next.item()
+    for token in decode_tokens(lambda context: model.next_logits(context, cache), idx, max_new_tokens, choose):
+        yield token.item()
 
 
 def stream_text(tok, token_ids):
@@ -116,80 +121,75 @@ def show_compute(tok, start, steps, n_layer, colour):
         print('\n'.join(f"{line}\n{mark}" for line, mark in zip(lines, marks)), end='')
 
 
-def fail(message):
-    """One line on stderr and exit status 2 (torch's own errors can run to several lines: keep the first)."""
-    print(f"error: {str(message).strip().splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument('--ckpt', default='out/ckpt.pt', help="checkpoint file (default: %(default)s)")
-    where.add_argument('--out_dir', help="directory holding ckpt.pt (instead of --ckpt)")
-    add = parser.add_argument
-    add('--start', default='\n', help="prompt text, or FILE:path to read it from a file (default: a newline)")
-    add('--num_samples', type=int, default=3, help="samples to draw (default: %(default)s)")
-    add('--max_new_tokens', type=int, default=500, help="tokens per sample (default: %(default)s)")
-    add('--temperature', type=float, default=0.8,
-        help="1.0 unchanged, < 1 more conservative, 0 greedy (default: %(default)s)")
-    add('--top_k', type=int, default=200,
-        help="sample from the top_k most likely tokens, 0: all (default: %(default)s)")
-    add('--seed', type=int, default=1337, help="random seed (default: %(default)s)")
-    add('--device', default='auto', help="cpu, cuda, cuda:1, mps, or auto: cuda, then mps, then cpu (default: auto)")
-    add('--dtype', default='auto', choices=['auto', *DTYPES],
-        help="auto: bfloat16 autocast on a GPU that supports it, else float32 (default: auto)")
-    add('--compile', action='store_true', help="torch.compile the model (default: off)")
-    add('--show_compute', action='store_true',
-        help="early-exit checkpoints: decode with early exit and mark each character by the layer it exited at")
-    add('--data_root', default=os.path.join(REPO, 'data'),
-        help="where a nanoGPT checkpoint finds <dataset>/meta.pkl (default: the repository's data/)")
-    args = parser.parse_args()
-
-    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt') if args.out_dir else args.ckpt
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    start = args.start
-    try:
-        model, meta = model_from_checkpoint(load_checkpoint(ckpt_path), args.data_root)
-        tok = load_tokenizer(meta)
-        if start.startswith('FILE:'):
-            with open(start[5:], encoding='utf-8') as f:
-                start = f.read()
-    except (ValueError, OSError, pickle.UnpicklingError) as e:  # CheckpointError is a ValueError
-        fail(e)
+def continue_text(model, tok, start, cfg, colour):
+    """Print start and its continuation as it streams (with --show_compute, marked by exit layer)."""
     try:
         start_ids = tok.encode(start)
     except ValueError as e:
         fail(f"--start: {e}")
     if not start_ids:
         fail("--start is empty: the model needs at least one token to continue")
+    idx = torch.tensor([start_ids], dtype=torch.long, device=model.lm_head.weight.device)  # (1, T)
+    choose = sampler(cfg['temperature'], cfg['top_k'], tok.vocab_size)
+    if cfg['show_compute']:
+        with torch.inference_mode():
+            stats = {}
+            show_compute(tok, start, stream_early_exit(model, idx, cfg['max_new_tokens'], choose, stats),
+                         model.config.n_layer, colour)
+        print(f"\nmean exit layer {stats['mean_exit_layer']:.2f} of {model.config.n_layer}", end='')
+    else:
+        show(start)
+        for piece in stream_text(tok, stream_tokens(model, idx, cfg['max_new_tokens'], choose)):
+            show(piece)
 
+
+def prompts(cfg):
+    """The prompts to continue: --start, or with --interactive each line typed until Ctrl-D (empty: --start)."""
+    if not cfg['interactive']:
+        yield cfg['start']
+        return
+    print("type a prompt and press Enter (Ctrl-C stops a continuation, Ctrl-D quits)")
+    while True:
+        try:
+            line = input('> ')
+        except EOFError:
+            print()
+            return
+        yield line.replace('\\n', '\n') or cfg['start']
+
+
+def main():
+    cfg = configure_or_exit(DEFAULTS, sys.argv[1:], __doc__, describe(__file__))
+    check_settings(cfg)
+    ckpt_path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
+    device = pick_device(cfg['device'])
+    dtype = pick_dtype(cfg['dtype'], device)
+    try:
+        model, meta = model_from_checkpoint(load_checkpoint(ckpt_path), cfg['data_root'])
+        tok = load_tokenizer(meta)
+        if cfg['start'].startswith('FILE:'):
+            with open(cfg['start'][5:], encoding='utf-8') as f:
+                cfg['start'] = f.read()
+    except (ValueError, OSError, pickle.UnpicklingError) as e:  # CheckpointError is a ValueError
+        fail(e)
     model.eval().to(device)
-    L = model.config.n_layer
-    if args.show_compute and not getattr(model.config, 'enable_early_exit', False):
+    L, colour = model.config.n_layer, sys.stdout.isatty()
+    if cfg['show_compute'] and not getattr(model.config, 'enable_early_exit', False):
         fail("--show_compute needs a checkpoint trained with enable_early_exit=True")
-    if args.show_compute and sys.stdout.isatty():
+    if cfg['show_compute'] and colour:
         print("exit layer: " + ' '.join(f"\033[38;5;{layer_mark(l, L, True)}m{l}\033[0m" for l in range(1, L + 1)))
-    if args.compile:
+    if cfg['compile']:
         model.compile()  # compiles model(...), which next_logits calls
-    torch.manual_seed(args.seed)
-    idx = torch.tensor([start_ids], dtype=torch.long, device=device)  # (1, T)
+    torch.manual_seed(cfg['seed'])
     with autocast(device, dtype):
-        for _ in range(args.num_samples):
-            if args.show_compute:
-                stats = {}
-                steps = stream_early_exit(model, idx, args.max_new_tokens, args.temperature, args.top_k or None,
-                                          None, stats, tok.vocab_size)
-                show_compute(tok, start, steps, L, sys.stdout.isatty())
-                print(f"\nmean exit layer {stats['mean_exit_layer']:.2f} of {L}", end='')
-            else:
-                show(start)
-                tokens = stream_tokens(model, idx, args.max_new_tokens, args.temperature, args.top_k or None,
-                                       tok.vocab_size)
-                for piece in stream_text(tok, tokens):
-                    show(piece)
-            print('\n---------------')
+        for prompt in prompts(cfg):
+            for _ in range(cfg['num_samples']):
+                try:
+                    continue_text(model, tok, prompt, cfg, colour)
+                except KeyboardInterrupt:
+                    if not cfg['interactive']:
+                        raise
+                print('\n---------------')
 
 
 if __name__ == '__main__':

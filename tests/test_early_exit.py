@@ -9,7 +9,8 @@ import torch
 
 from checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from conftest import ROOT
-from early_exit import EarlyExitDecoder, token_probs
+from early_exit import EarlyExitDecoder
+from model import token_probs
 from evaluate import decode_consistent_loss, evaluate_loss
 from model import GPT, GPTConfig
 from model_efficient import EfficientGPT, EfficientGPTConfig

@@ -228,12 +228,12 @@ def test_config_rejects_bad_values(tiny_args, keys, message):
 
 
 def test_bench_rows_run_and_the_rolling_cache_stays_flat(tiny_args):
-    import bench
+    from bench_rows import local as rows
     model = make(tiny_args, **local(window=4))
     b = SimpleNamespace(model=model, device='cpu', runs=1, sync=lambda: None, prompt=torch.tensor([[1]]),
                         long_T='16,24', long_window=4, stream_tokens=2000)
-    steps = bench.local_train_step(b)
+    steps = rows.local_train_step(b)
     assert steps['layer_T24_ratio']['median'] > 0 and steps['model_T16_ratio']['median'] > 0
-    stream = bench.local_stream(b)
+    stream = rows.local_stream(b)
     assert stream['at_1000_kv_cache_bytes'] == stream['at_2000_kv_cache_bytes'] == 2 * 4 * 2 * 32 * 4
-    assert bench.local_stream(SimpleNamespace(model=make(tiny_args))) is None  # not a streaming model
+    assert rows.local_stream(SimpleNamespace(model=make(tiny_args))) is None  # not a streaming model

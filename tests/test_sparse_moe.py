@@ -14,7 +14,7 @@ import torch
 
 from checkpoint import model_checkpoint, save_checkpoint
 from conftest import ROOT
-from efficient_modules import MoEMLP, TopKMLP, ffn_flops_per_token, set_topk_gather
+from efficient_modules import MoEMLP, TopKMLP, set_topk_gather
 from model import GPT, GPTConfig, MLP
 from model_efficient import EfficientGPT, EfficientGPTConfig, LayerPlan
 from test_train import tiny_data, train  # noqa: F401 (tiny_data is a fixture)
@@ -63,10 +63,11 @@ def test_gathered_path_equals_masked_path():
     with torch.no_grad():
         m.c_proj.weight.mul_(-2.0)
     torch.testing.assert_close(m.forward_gathered(x), m.forward_masked(x))
-    # set_topk_gather picks the path forward runs at inference; the FLOPs count follows it
-    gathered_flops = m.flops_per_token()
+    # set_topk_gather picks the path forward runs at inference; the cost follows it: k of the 128 rows read
+    gathered = m.cost()
     set_topk_gather(m, False)
-    assert m.flops_per_token() == 2 * 2 * 32 * 128 > gathered_flops == 2 * 32 * 128 + 2 * m.k * 32
+    assert m.cost().flops == 2 * 2 * 32 * 128 > gathered.flops == 2 * 32 * 128 + 2 * m.k * 32
+    assert gathered.weight_bytes == 4 * (32 * 128 + m.k * 32) < m.cost().weight_bytes == 4 * 2 * 32 * 128
 
 
 def test_topk_gradient_flows_through_kept_units_only():
@@ -170,11 +171,12 @@ def test_config_validation_and_plan():
             cfg(**kw)
 
 
-def test_flops_per_token():
+def test_cost_counts_the_experts_that_run():
     C = 32
-    assert ffn_flops_per_token(MLP(cfg())) == 2 * 2 * C * 4 * C
-    moe = built(MoEMLP, num_experts=4, experts_top_k=2)
-    assert ffn_flops_per_token(moe) == 2 * C * 4 + 2 * (2 * 2 * C * 4 * C)
+    assert MLP(cfg(bias=False)).cost().flops == 2 * 2 * C * 4 * C
+    moe = built(MoEMLP, num_experts=4, experts_top_k=2, bias=False)
+    assert moe.cost().flops == 2 * C * 4 + 2 * (2 * 2 * C * 4 * C)
+    assert moe.cost().weight_bytes == 4 * (C * 4 + 2 * (2 * C * 4 * C))  # the router and two of the four experts
 
 
 @pytest.mark.parametrize('kw', [
