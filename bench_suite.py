@@ -1,7 +1,7 @@
 """
 The README's results in one command. Trains what is missing (the CPU benchmark baseline, each mechanism
 alone and the combined EfficientGPT, all with config/train_bench_cpu.py's data, steps, seed and size),
-then measures every model against the cached baseline in one process with bench.py's protocol:
+then measures every model against the cached baseline in one process (bench_rows.protocol.time_pair):
 $ python bench_suite.py                                # everything, on CPU
 $ python bench_suite.py --models=baseline,efficient_gpt --runs=3 --plot=results
 Prints a Markdown table, writes every figure to --json and, with --plot=DIR, two PNGs (needs matplotlib).
@@ -21,23 +21,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import bench
+from bench_rows.protocol import greedy, time_pair
 from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import configure_or_exit, load_config_file
-from evaluate import bits, decode_consistent_loss, evaluate_loss, streaming_loss, teacher_forced_decode_loss
-from sample import REPO, autocast, fail, pick_dtype
+from common import REPO, autocast, fail, pick_dtype, synchronizer
+from configurator import configure_or_exit, describe, load_config_file
+from evaluate import bits, decoded_loss, decode_consistent_loss, evaluate_loss, streaming_loss
 
 BASE = 'config/train_bench_cpu.py'
-# name: (the config files it trains with, generate() settings of its decode)
+# name: (the config files it trains with, its decode: generate()'s engine and policy). The first is the baseline
+# every other model is timed against.
 MODELS = {
     'baseline': ([BASE], {}),
-    'early_exit': ([BASE, 'config/train_bench_early_exit.py'], dict(decode='early_exit')),
+    'early_exit': ([BASE, 'config/train_bench_early_exit.py'], dict(decode='early_exit', criterion='saturation',
+                                                                     threshold=0.9)),
     'topk': ([BASE, 'config/train_bench_topk_cpu.py'], {}),
     'moe': ([BASE, 'config/train_bench_moe_cpu.py'], {}),
     'act': ([BASE, 'config/bench_act.py'], {}),
     'local_rope': ([BASE, 'config/train_bench_local.py'], {}),
     'hourglass': ([BASE, 'config/bench_hourglass_k4.py'], {}),
-    'efficient_gpt': ([BASE, 'config/train_efficient_gpt.py'], {}),
+    'efficient_gpt': (['config/train_efficient_gpt.py'], {}),
 }
 DEFAULTS = dict(
     models=','.join(MODELS),  # comma list of MODELS; the baseline is always measured
@@ -48,15 +50,13 @@ DEFAULTS = dict(
     compile=False,  # torch.compile every model measured (the first calls of each compile it: minutes)
     threads=1,  # torch threads while measuring (batch-1 decode is per-op overhead: threads don't help it)
     runs=5,  # timed runs of each side, alternating A B A B
-    reference_runs=2,  # for the pairs with a batch-16 or past-block_size reference side (seconds per run)
+    reference_runs=2,  # for the pairs with an uncached reference side (seconds per run) and past-block_size pairs
     new_tokens=250,  # batch-1 and batched decode inside the context (a one-token prompt)
     batch=16,
     past_tokens=500,  # decode past block_size: the baseline recomputes, streaming models don't
     stream_eval_tokens=4096,  # a streaming model's loss past block_size over this much val text read as one
     val_windows=16,  # quality: the first N fixed windows of val.bin (N * block_size characters)
-    exit_criterion='saturation',  # early exit's decode setting in the table
-    exit_threshold=0.9,
-    exit_sweep='0.995,0.99,0.95,0.9,0.8',  # thresholds on the speed-vs-quality plot
+    exit_sweep='0.995,0.99,0.95,0.9,0.8',  # early exit: thresholds on the speed-vs-quality plot
     target_loss=2.2,  # time to reach this val loss (nanoGPT's estimate, eval_iters batches) in training
     json='bench_suite.json',
     plot='',  # a folder for speed_vs_quality.png and exit_layers.png
@@ -113,57 +113,46 @@ def training_figures(ckpt, target):
                 seconds_to_target=hit['train_seconds'] if hit else None, final_val_loss=ckpt.get('final_val_loss'))
 
 
-def quality(name, m, data, cfg):
-    """Val loss as the model's decode produces it: early exit and ACT through their decode engines (teacher
-    forced), every other model by its forward, which its cached decode equals (tests/)."""
-    T, W = m.config.block_size, cfg['val_windows']
-    if name == 'early_exit':
-        q = decode_consistent_loss(m, data, T, W, cfg['exit_criterion'], cfg['exit_threshold'], cfg['device'])
-        return q['loss'], dict(mean_exit_layer=q['mean_exit_layer'], exit_layer_counts=q['exit_layer_counts'],
-                               flops_per_token=q['flops_per_token'])
-    if name == 'act':
-        return teacher_forced_decode_loss(m, data, T, cfg['batch'], W, cfg['device'])[0], {}
-    return evaluate_loss(m, data, T, cfg['batch'], W, cfg['device']), {}
-
-
-def measure(name, m, base, data, cfg, prompts, sync):
-    """One model's row: speed against the cached baseline (its uncached reference, for the baseline itself),
-    quality, FLOPs, KV-cache bytes, and past-block_size decode against the baseline's reference path."""
-    kw, n, runs = dict(MODELS[name][1]), cfg['new_tokens'], cfg['runs']
-    if name == 'early_exit':
-        m.config.exit_criterion, m.config.exit_threshold = cfg['exit_criterion'], cfg['exit_threshold']
+def measure(m, base, data, cfg, prompts, sync, decode):
+    """One model's row: speed against the cached baseline at batch 1 and batched, quality as it decodes, work
+    per token, KV-cache bytes, and for a streaming model its decode past block_size against the baseline's
+    uncached reference path and its loss there. decode: generate()'s engine and policy for this model."""
+    n, runs = cfg['new_tokens'], cfg['runs']
 
     def gen(model, prompt, tokens, **extra):
         return lambda: model.generate(prompt, tokens, temperature=0, **extra)
 
-    other = gen(base, prompts[:1], n, use_cache=name != 'baseline')  # the baseline row: cached vs reference
-    _, _, b1 = bench.time_pair(gen(m, prompts[:1], n, **kw), other, runs, n, sync)
-    # batched: early exit's engines are batch 1, so its batched row is its full decode
-    other = gen(base, prompts, n, use_cache=name != 'baseline')
-    _, _, b16 = bench.time_pair(gen(m, prompts, n), other, cfg['reference_runs'] if name == 'baseline' else runs,
-                                n * prompts.size(0), sync)
-    loss, extra = quality(name, m, data, cfg)
-    ctx = (n + 1) / 2  # mean positions attended over the generation
-    if 'flops_per_token' not in extra:
-        extra['flops_per_token'] = (bench.dense_flops_per_token(m, ctx) if not hasattr(m, 'plan') else
-                                    bench.executed_flops_per_token(m, ctx, bench.decode_counts(m, prompts[:1], n)[1]))
-    cache = m.new_cache(1)
-    with torch.inference_mode():
-        bench.stream(m, cache, prompts[:1], n)
+    _, _, b1 = time_pair(gen(m, prompts[:1], n, **decode), gen(base, prompts[:1], n), runs, n, sync)
+    # batched: the early-exit engines are batch 1, so a batched row is the full decode
+    _, _, b16 = time_pair(gen(m, prompts, n), gen(base, prompts, n), runs, n * prompts.size(0), sync)
+    q = decoded_loss(m, data, m.config.block_size, cfg['val_windows'], cfg['batch'], cfg['device'], **decode)
+    stream, cache = greedy(m)
+    for _ in stream(prompts[:1], n):
+        pass
+    cost = m.decode_cost((n + 1) / 2)  # mean positions attended over the generation
     row = dict(decode_tok_s=b1['a']['median'], vs_cached=b1['ratio'], batch_tok_s=b16['a']['median'],
-               batch_vs_cached=b16['ratio'], val_loss=loss, bits=bits(loss), kv_cache_bytes=sum(c.nbytes for c in cache),
-               **extra)
-    if name == 'baseline':
-        row.update(reference_tok_s=b1['b']['median'], batch_reference_tok_s=b16['b']['median'])
-    if name == 'baseline' or getattr(m, 'streams', False):  # the reference path recomputes block_size each step
-        _, _, past = bench.time_pair(gen(m, prompts[:1], cfg['past_tokens'], **kw),
-                                     gen(base, prompts[:1], cfg['past_tokens'], use_cache=False),
-                                     cfg['reference_runs'], cfg['past_tokens'], sync)
-        row.update(past_tok_s=past['a']['median'], past_vs_reference=past['ratio'],
-                   past_reference_tok_s=past['b']['median'])
-    if getattr(m, 'streams', False):
-        row.update(stream_quality(m, data, cfg))
+               batch_vs_cached=b16['ratio'], val_loss=q['loss'], bits=bits(q['loss']),
+               flops_per_token=q.get('flops_per_token', cost.flops), weight_bytes_per_token=cost.weight_bytes,
+               kv_cache_bytes=sum(c.nbytes for c in cache),
+               **{k: q[k] for k in ('mean_exit_layer', 'exit_layer_counts') if k in q})
+    if getattr(m, 'streams', False):  # the reference path recomputes block_size positions every step
+        _, _, past = time_pair(gen(m, prompts[:1], cfg['past_tokens'], **decode),
+                               gen(base, prompts[:1], cfg['past_tokens'], use_cache=False),
+                               cfg['reference_runs'], cfg['past_tokens'], sync)
+        row.update(past_tok_s=past['a']['median'], past_vs_reference=past['ratio'], **stream_quality(m, data, cfg))
     return row
+
+
+def reference(base, cfg, prompts, sync):
+    """nanoGPT's uncached generate against the cached baseline: batch 1, batched, and past block_size."""
+    def gen(prompt, tokens, use_cache):
+        return lambda: base.generate(prompt, tokens, temperature=0, use_cache=use_cache)
+    n, runs = cfg['new_tokens'], cfg['reference_runs']
+    figures = {}
+    for key, prompt, tokens in (('b1', prompts[:1], n), ('batch', prompts, n), ('past', prompts[:1], cfg['past_tokens'])):
+        _, _, t = time_pair(gen(prompt, tokens, False), gen(prompt, tokens, True), runs, tokens * prompt.size(0), sync)
+        figures.update({f'{key}_tok_s': t['a']['median'], f'{key}_vs_cached': t['ratio']})
+    return figures
 
 
 def stream_quality(m, data, cfg):
@@ -175,23 +164,25 @@ def stream_quality(m, data, cfg):
     return dict(stream_loss_inside_block=inside, stream_loss_past_block=past, window_loss_past_block=windows)
 
 
-def exit_sweep(m, base, data, cfg, prompts, sync):
+def exit_sweep(m, base, data, cfg, prompts, sync, decode):
     """Early exit's speed and decode-consistent loss at each threshold of exit_sweep (the plot's curve)."""
     points, n = [], cfg['new_tokens']
     for threshold in (float(t) for t in cfg['exit_sweep'].split(',')):
-        m.config.exit_threshold = threshold
-        _, _, t = bench.time_pair(lambda: m.generate(prompts[:1], n, temperature=0, decode='early_exit'),
-                                  lambda: base.generate(prompts[:1], n, temperature=0), cfg['runs'], n, sync)
-        q = decode_consistent_loss(m, data, m.config.block_size, cfg['val_windows'], cfg['exit_criterion'], threshold,
+        policy = {**decode, 'threshold': threshold}
+        _, _, t = time_pair(lambda: m.generate(prompts[:1], n, temperature=0, **policy),
+                            lambda: base.generate(prompts[:1], n, temperature=0), cfg['runs'], n, sync)
+        q = decode_consistent_loss(m, data, m.config.block_size, cfg['val_windows'], policy['criterion'], threshold,
                                    cfg['device'])
         points.append(dict(threshold=threshold, vs_cached=t['ratio'], val_loss=q['loss']))
-    m.config.exit_threshold = cfg['exit_threshold']
     return points
 
 
+def fmt_ratio(x):
+    return f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
+
+
 def fmt_row(name, r, base_loss):
-    def ratio(x):  # the baseline's own row was timed against its reference path: that ratio is the reference row's
-        return '1' if name == 'baseline' else f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
+    ratio = fmt_ratio
     to_target = f"{r['seconds_to_target']:.0f} s" if r.get('seconds_to_target') else '—'
     whole = f"{r['final_val_loss']:.4f}" if r.get('final_val_loss') else '—'
     train = f"{r['train_tok_s']:,.0f}" if r.get('train_tok_s') else '—'
@@ -202,7 +193,8 @@ def fmt_row(name, r, base_loss):
 
 
 def report(results, cfg, header):
-    rows, base = results['rows'], results['rows']['baseline']
+    rows = results['rows']
+    base = rows[next(iter(rows))]  # the first row is the baseline
     print(header)
     print(f"\nbatch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a one-token prompt; ratios are "
           f"medians of per-pair ratios against the cached baseline (min-max), {cfg['runs']} runs each "
@@ -212,13 +204,17 @@ def report(results, cfg, header):
     print("\n| model | tok/s b=1 | vs cached | tok/s b=%d | vs cached | val loss | bits/char | Δ loss | forward loss, "
           "whole val | MFLOPs/token | KV KiB | train tok/s | train time to %.2f |" % (cfg['batch'], cfg['target_loss']))
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    slower = [f"1/{base[k]['median']:.1f} ({base[k]['min']:.1f}-{base[k]['max']:.1f})" for k in ('vs_cached', 'batch_vs_cached')]
-    print(f"| uncached reference (nanoGPT's generate) | {base['reference_tok_s']:,.0f} | {slower[0]} | "
-          f"{base['batch_reference_tok_s']:,.0f} | {slower[1]} | | | | | | | | |")
+    ref = results.get('reference')
+    if ref:
+        print(f"| uncached reference (nanoGPT's generate) | {ref['b1_tok_s']:,.0f} | {fmt_ratio(ref['b1_vs_cached'])} | "
+              f"{ref['batch_tok_s']:,.0f} | {fmt_ratio(ref['batch_vs_cached'])} | | | | | | | | |")
     for name, r in rows.items():
         print(fmt_row(name, r, base['val_loss']))
+    if not ref:
+        return
     print(f"\n{cfg['past_tokens']} new tokens, past block_size, batch 1, against the baseline's uncached reference "
-          f"path ({base['past_reference_tok_s']:,.0f} tok/s):\n")
+          f"path ({ref['past_tok_s']:,.0f} tok/s; the cached baseline recomputes the cropped context there too, "
+          f"{fmt_ratio(ref['past_vs_cached'])} of its speed):\n")
     print(f"| model | tok/s | vs uncached reference | loss past block_size, streamed over {cfg['stream_eval_tokens']:,} "
           f"val tokens | the same positions in fixed windows |\n|---|---|---|---|---|")
     for name, r in rows.items():
@@ -238,10 +234,11 @@ def plot(results, folder):
         print("--plot needs matplotlib: pip install -e '.[plot]'")
         return
     os.makedirs(folder, exist_ok=True)
-    rows, base_loss = results['rows'], results['rows']['baseline']['val_loss']
+    rows = results['rows']
+    base_loss = rows[next(iter(rows))]['val_loss']
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in rows.items():
-        x = 1.0 if name == 'baseline' else r['vs_cached']['median']  # the baseline's own ratio is to its reference
+        x = r['vs_cached']['median']
         ax.scatter(x, r['val_loss'], zorder=3)
         ax.annotate(name, (x, r['val_loss']), textcoords='offset points', xytext=(5, 4))
     if results.get('exit_sweep'):
@@ -255,20 +252,22 @@ def plot(results, folder):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, 'speed_vs_quality.png'), dpi=120)
-    if 'early_exit' in rows:
-        counts = rows['early_exit']['exit_layer_counts']
+    for name, r in rows.items():
+        if 'exit_layer_counts' not in r:
+            continue
+        counts = r['exit_layer_counts']
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.bar(range(1, len(counts) + 1), [c / sum(counts) for c in counts])
         ax.set_xlabel('layers run before the token exits')
         ax.set_ylabel('fraction of val characters')
-        ax.set_title(f"early exit, {results['config']['exit_criterion']} {results['config']['exit_threshold']}")
+        ax.set_title(f"{name}: {', '.join(f'{k} {v}' for k, v in MODELS[name][1].items())}")
         fig.tight_layout()
-        fig.savefig(os.path.join(folder, 'exit_layers.png'), dpi=120)
+        fig.savefig(os.path.join(folder, f'{name}_exit_layers.png'), dpi=120)
     print(f"plots written to {folder}/")
 
 
 def main():
-    cfg = configure_or_exit(DEFAULTS, sys.argv[1:], __doc__)
+    cfg = configure_or_exit(DEFAULTS, sys.argv[1:], __doc__, describe(__file__))
     if cfg['report']:
         with open(cfg['report']) as f:
             results = json.load(f)
@@ -276,7 +275,8 @@ def main():
         if cfg['plot']:
             plot(results, cfg['plot'])
         return
-    names = ['baseline'] + [n for n in cfg['models'].split(',') if n and n != 'baseline']
+    baseline = next(iter(MODELS))
+    names = [baseline] + [n for n in cfg['models'].split(',') if n and n != baseline]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         fail(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
@@ -286,20 +286,22 @@ def main():
     torch.manual_seed(1337)
     device = cfg['device']
     dtype = pick_dtype(cfg['dtype'], device)
-    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
-    base, base_ckpt = load('baseline', cfg)
+    sync = synchronizer(device)
+    base, _ = load(baseline, cfg)
     data = np.memmap(os.path.join(REPO, 'data', 'shakespeare_char', 'val.bin'), dtype=np.uint16, mode='r')
     prompts = torch.randint(base.config.vocab_size, (cfg['batch'], 1), device=device)
     results = dict(config=cfg, rows={}, torch=torch.__version__, threads=torch.get_num_threads(), device=device, dtype=dtype,
                    date=date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                    load_average=os.getloadavg())
     with torch.no_grad(), autocast(device, dtype):
+        results['reference'] = reference(base, cfg, prompts, sync)
         for name in tqdm(names, unit='model', desc='measuring'):
-            m, ckpt = (base, base_ckpt) if name == 'baseline' else load(name, cfg)
-            row = measure(name, m, base, data, cfg, prompts, sync)
+            m, ckpt = load(name, cfg)
+            decode = MODELS[name][1]
+            row = measure(m, base, data, cfg, prompts, sync, decode)
             results['rows'][name] = {**row, **training_figures(ckpt, cfg['target_loss'])}
-            if name == 'early_exit':
-                results['exit_sweep'] = exit_sweep(m, base, data, cfg, prompts, sync)
+            if decode.get('decode') == 'early_exit':
+                results['exit_sweep'] = exit_sweep(m, base, data, cfg, prompts, sync, decode)
     results['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results['seconds'] = time.time() - start
     header = (f"bench_suite.py {' '.join(sys.argv[1:])}: {results['date']}, {results['machine']}, torch {torch.__version__}, "

@@ -34,10 +34,12 @@ def _check(key, value, default, source):
     return value
 
 def load_config_file(path, namespace=None):
-    """Exec a Python config file on top of namespace; return the settings it leaves behind."""
+    """Exec a Python config file on top of namespace; return the settings it leaves behind. A file may start
+    from another one beside it with include('other.py'), e.g. a headline file from its size file."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     ns = dict(namespace or {})
+    ns['include'] = lambda name: ns.update(load_config_file(os.path.join(os.path.dirname(path), name), ns))
     with open(path) as f:
         source = f.read()
     try:

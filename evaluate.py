@@ -114,6 +114,17 @@ def decode_consistent_loss(model, data, block_size, max_windows, criterion=None,
                 exit_layer_counts=exits)
 
 
+def decoded_loss(model, data, block_size, max_windows, batch_size=16, device='cpu', decode='full', **policy):
+    """Val loss as the model decodes, whatever its engine: the early-exit engine (decode_consistent_loss,
+    batch 1, policy: criterion, threshold) or the cached decode every other model runs
+    (teacher_forced_decode_loss). Returns a dict with at least loss and tokens."""
+    if decode == 'early_exit':
+        return decode_consistent_loss(model, data, block_size, max_windows, policy.get('criterion'),
+                                      policy.get('threshold'), device)
+    loss, tokens = teacher_forced_decode_loss(model, data, block_size, batch_size, max_windows, device)
+    return dict(loss=loss, tokens=tokens)
+
+
 @torch.no_grad()
 def streaming_loss(model, data, n_tokens, chunk=64, device='cpu'):
     """Loss of a streaming model (model.streams) over the first n_tokens of data read as one text, fed

@@ -138,7 +138,8 @@ class EfficientGPTConfig(GPTConfig):
 def expand_layers(pattern, n_layer):
     """Which layers (0-based) a pattern names, as a tuple of bools, expanded once at build time.
     'all' | 'none' | 'every:N' (layers N-1, 2N-1, ...: every N-th, ending at the last when N divides
-    n_layer) | 'last:N' | a comma list of layer indices '0,2,5' (negative counts from the end)."""
+    n_layer) | 'last:N' | a slice 'A:B' as in Python ('1:-1': all but the first and the last, at any depth)
+    | a comma list of layer indices '0,2,5' (negative counts from the end)."""
     p = str(pattern).strip().lower()
     try:
         if p == 'all':
@@ -150,10 +151,13 @@ def expand_layers(pattern, n_layer):
             chosen = set(range(n - 1, n_layer, n))
         elif p.startswith('last:'):
             chosen = set(range(max(0, n_layer - int(p.split(':', 1)[1])), n_layer))
+        elif ':' in p:
+            a, b = (int(x) if x.strip() else None for x in p.split(':'))
+            chosen = set(range(n_layer)[a:b])
         else:
             chosen = {int(s) + n_layer if int(s) < 0 else int(s) for s in p.split(',')}
     except ValueError:
-        raise ValueError(f"layer pattern {pattern!r}: use 'all', 'none', 'every:N', 'last:N' or '0,2,5'") from None
+        raise ValueError(f"layer pattern {pattern!r}: use 'all', 'none', 'every:N', 'last:N', 'A:B' or '0,2,5'") from None
     bad = sorted(i for i in chosen if not 0 <= i < n_layer)
     if bad:
         raise ValueError(f"layer pattern {pattern!r} names layers {bad}, but the model has {n_layer} (0..{n_layer - 1})")

@@ -1,5 +1,6 @@
-# ACT variant of the CPU benchmark model (config/train_bench_cpu.py): layer 3 ponders, running its block
-# up to 3 times per token (at most 8 layer applications per token instead of 6). One pondering layer
+# Recipe (mechanism keys only): ACT. Layer it on a size file, e.g. config/train_bench_cpu.py.
+# Layer 3 ponders, running its block up to 3 times per token (at most 8 layer applications per token
+# instead of 6 on the benchmark's 6 layers). One pondering layer
 # keeps the training cost on 2 CPU cores affordable; tau = 0.01 is inside Graves' useful range.
 # $ python train_efficient.py config/train_bench_cpu.py config/bench_act.py
 out_dir = 'out-bench-act'

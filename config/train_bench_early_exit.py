@@ -1,7 +1,7 @@
-# Early exit on the CPU benchmark model: load AFTER config/train_bench_cpu.py, which sets everything else
-# (same data, steps and seed as the baseline).
+# Recipe (mechanism keys only): early exit. Layer it on a size file, e.g. config/train_bench_cpu.py, which
+# sets everything else (same data, steps and seed as the baseline).
 # $ python train_efficient.py config/train_bench_cpu.py config/train_bench_early_exit.py
-# Measured with the bench.py command in the README section "Early exit and self-speculative decoding".
+# Measured with the bench.py command in docs/early_exit.md.
 
 out_dir = 'out-bench-early-exit'
 model_type = 'efficient'

@@ -1,5 +1,5 @@
-# Local attention variant of the CPU benchmark (issue 5): config/train_bench_cpu.py plus these keys.
-# Every layer attends to a 64-token sliding window (a quarter of block_size 256), with rotary positions, so
+# Recipe (mechanism keys only): local attention with rotary positions. Layer it on a size file, e.g.
+# config/train_bench_cpu.py. Every layer attends to a 64-token sliding window (a quarter of block_size 256), with rotary positions, so
 # the same model can stream past block_size at constant memory. The baseline has learned positions and full
 # attention; config/train_bench_rope.py separates the two changes (full attention, rotary positions).
 # $ python train_efficient.py config/train_bench_cpu.py config/train_bench_local.py

@@ -1,4 +1,5 @@
-# Mixture-of-experts variant of the CPU benchmark model (mechanism 4): every layer's MLP becomes 4 full-size
+# Recipe (mechanism keys only): mixture of experts. Layer it on a size file, e.g. config/train_bench_cpu.py.
+# Every layer's MLP becomes 4 full-size
 # expert MLPs with a top-1 router, so a token runs the FLOPs of one dense MLP (plus the 4-logit router);
 # same data, steps and seed as the baseline. Top-2: add --experts_top_k=2 --out_dir=out-bench-moe-top2.
 # $ python train_efficient.py config/train_bench_cpu.py config/train_bench_moe_cpu.py

@@ -1,5 +1,6 @@
-# Full attention with rotary positions: the CPU benchmark with only the position encoding of the local
-# variant changed, to tell the effect of the window from the effect of rope (issue 5).
+# Recipe (mechanism keys only): full attention with rotary positions. Layer it on a size file, e.g.
+# config/train_bench_cpu.py: only the position encoding of the local variant changed, to tell the effect of
+# the window from the effect of rope.
 # $ python train_efficient.py config/train_bench_cpu.py config/train_bench_rope.py
 
 out_dir = 'out-bench-rope'

@@ -1,5 +1,6 @@
-# Top-k sparse MLP variant of the CPU benchmark model (mechanism 2): every layer's MLP keeps the 10% of its
-# 4 * 128 = 512 GELU units of largest magnitude per token (k = 51); same data, steps and seed as the baseline.
+# Recipe (mechanism keys only): top-k sparse MLPs. Layer it on a size file, e.g. config/train_bench_cpu.py.
+# Every layer's MLP keeps the 10% of its 4 * n_embd GELU units with the largest pre-activations per token
+# (k = 51 of 512 at 128 dims).
 # $ python train_efficient.py config/train_bench_cpu.py config/train_bench_topk_cpu.py
 
 out_dir = 'out-bench-topk'
