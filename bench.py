@@ -19,12 +19,12 @@ import torch
 
 from bench_rows import MECHANISM_ROWS
 from bench_rows.protocol import greedy, time_pair, val_memmap
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import build_model, load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_device, pick_dtype, synchronizer
 from configurator import configure_or_exit, describe
 from early_exit import CRITERIA
 from evaluate import bits, evaluate_loss, fixed_windows
-from model import GPT, GPTConfig
+from model import GPTConfig
 
 # the model measured without --ckpt: random weights, shakespeare_char's size unless overridden
 MODEL_ARGS = {**{f.name: f.default for f in fields(GPTConfig)},
@@ -176,14 +176,14 @@ def fmt(key, v):
     return f"{v:,}" if key.startswith('params') else str(v)
 
 
-def load_model(config):
-    if not config['ckpt']:
-        return GPT(GPTConfig(**{k: config[k] for k in MODEL_ARGS}))
+def load_model(config, ckpt):
+    """The model of checkpoint ckpt, or with none a GPT with random weights from the model args."""
     try:
-        model, _ = model_from_checkpoint(load_checkpoint(config['ckpt']), config['data_root'])
-    except (ValueError, OSError, pickle.UnpicklingError) as e:
+        if not ckpt:
+            return build_model('gpt', {k: config[k] for k in MODEL_ARGS})
+        return model_from_checkpoint(load_checkpoint(ckpt), config['data_root'])[0]
+    except (ValueError, OSError, pickle.UnpicklingError) as e:  # CheckpointError is a ValueError
         fail(e)
-    return model
 
 
 def sweeps(config):
@@ -216,11 +216,11 @@ def main():
     device = pick_device(config['device'])
     dtype = pick_dtype(config['dtype'], device)
     torch.manual_seed(config['seed'])
-    model = load_model(config).eval().to(device)
+    model = load_model(config, config['ckpt']).eval().to(device)
     if config['compile']:
         model.compile()  # compiles model(...), which both generation paths call
     V, T = model.config.vocab_size, model.config.block_size
-    baseline = load_model({**config, 'ckpt': config['baseline']}).eval().to(device) if config['baseline'] else None
+    baseline = load_model(config, config['baseline']).eval().to(device) if config['baseline'] else None
     g = torch.Generator().manual_seed(config['seed'])
     b = SimpleNamespace(
         model=model, device=device, runs=config['runs'], batch=config['batch'], new_tokens=config['new_tokens'],

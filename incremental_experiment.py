@@ -3,13 +3,12 @@ The incremental-learning experiment: naive fine-tuning, EWC, replay, EWC + repla
 learning rates and joint training (the upper bound) on the same task sequence, model, steps and seed.
 $ python incremental_experiment.py                                   # A (Shakespeare), then B (Sherlock)
 $ python incremental_experiment.py --tasks=A,B,C --json=incremental_abc.json --plot=incremental_abc.png
-Tune a method with its settings, e.g. --methods=ewc --ewc_lambda=100; any other --key=value goes to every
-train_efficient.py run (e.g. --iters_per_task=300). Each method is a run of config/train_incremental_char_cpu.py
-plus its keys, in out_dir/<tasks>-<method and settings>; a finished run with the same command is read back
-from its checkpoint instead of trained again (--rerun trains it anyway).
+Tune a method with its settings, e.g. --methods=ewc --ewc_lambda=100; train_args goes to every
+train_efficient.py run (e.g. --train_args="--iters_per_task=300 --seed=2"). Each method is a run of
+config/train_incremental_char_cpu.py plus its keys, in out_dir/<tasks>-<method and settings>; a finished run
+with the same command is read back from its checkpoint instead of trained again (--rerun trains it anyway).
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -18,11 +17,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from checkpoint import load_checkpoint
-from configurator import load_config_file
+from common import REPO, fail
+from configurator import configure_or_exit, describe, load_config_file
 from incremental_learning import backward_transfer, forgetting, parse_stages
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, 'config', 'train_incremental_char_cpu.py')
+CONFIG = os.path.join(REPO, 'config', 'train_incremental_char_cpu.py')
 # each method's keys on top of the config (the settings' values come from the options below)
 METHODS = {
     'naive': [],
@@ -32,10 +31,25 @@ METHODS = {
     'adaptive_lr': ['fisher_batches', 'adaptive_lr_strength'],
     'joint': [],  # one stage of every task mixed, as many iterations as the whole sequence
 }
-SETTINGS = {  # defaults tuned on A -> B (see README)
-    'ewc_lambda': 3.0, 'ewc_gamma': 1.0, 'fisher_batches': 20, 'replay_buffer_size': 2000, 'replay_ratio': 0.125,
-    'adaptive_lr_strength': 10.0,
-}
+SETTINGS = dict(  # the methods' settings, tuned on A -> B (docs/incremental.md)
+    ewc_lambda=3.0,  # EWC penalty weight
+    ewc_gamma=1.0,  # online EWC: decay of the accumulated Fisher at each stage
+    fisher_batches=20,  # batches for the diagonal Fisher after each stage
+    replay_buffer_size=2000,  # windows kept for replay
+    replay_ratio=0.125,  # fraction of each batch replayed from earlier tasks
+    adaptive_lr_strength=10.0,  # importance-adaptive learning rates: damping strength
+)
+DEFAULTS = dict(
+    tasks='A,B',  # the sequence, e.g. A,B or A,B,C
+    methods=','.join(METHODS),  # a comma list of the methods to run
+    out_dir='out-incremental',  # runs go to out_dir/<tasks>-<method>
+    json='',  # write every figure and the commands to this file
+    plot='',  # write a PNG of the final losses (needs matplotlib)
+    jobs=1,  # runs at a time
+    rerun=False,  # train again even if a finished run is there
+    train_args='',  # more train_efficient.py arguments for every run, e.g. '--iters_per_task=300 --seed=2'
+    **SETTINGS,
+)
 
 
 def setting(key, extra):
@@ -56,7 +70,7 @@ def command(method, stages, settings, out_dir, extra):
         n = len(stages)
         keys = [f"--incremental_tasks={'+'.join(t for s in stages for t in s)}",
                 f"--iters_per_task={n * setting('iters_per_task', extra)}", f"--lr_decay_iters={n * setting('lr_decay_iters', extra)}"]
-    return [sys.executable, os.path.join(HERE, 'train_efficient.py'), CONFIG, *keys, *extra,
+    return [sys.executable, os.path.join(REPO, 'train_efficient.py'), CONFIG, *keys, *extra,
             f'--out_dir={out_dir}', '--progress=False']
 
 
@@ -73,12 +87,14 @@ def run(method, cmd, out_dir, n_stages, rerun):
         with open(os.path.join(out_dir, 'train.log'), 'w') as log:
             r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if r.returncode != 0:
-            sys.exit(f"error: {method} failed (exit {r.returncode}); see {os.path.join(out_dir, 'train.log')}")
+            with open(os.path.join(out_dir, 'train.log')) as log:
+                last = (log.read().strip().splitlines() or [''])[-1]
+            fail(f"{method} failed (exit {r.returncode}): {last} (log: {os.path.join(out_dir, 'train.log')})")
         seconds = time.time() - t0
         json.dump(cmd[2:], open(cmd_path, 'w'))
         print(f"[{method}] done in {seconds:.0f} s", flush=True)
     ckpt = load_checkpoint(ckpt_path)
-    return dict(R=ckpt['incremental']['R'], seconds=seconds, command=' '.join(['python'] + [os.path.relpath(c, HERE) if os.path.isabs(c) else c for c in cmd[1:]]))
+    return dict(R=ckpt['incremental']['R'], seconds=seconds, command=' '.join(['python'] + [os.path.relpath(c, REPO) if os.path.isabs(c) else c for c in cmd[1:]]))
 
 
 def summarize(results, tasks, stages, methods):
@@ -150,39 +166,37 @@ def plot(rows, tasks, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--tasks', default='A,B', help="the sequence, e.g. A,B or A,B,C")
-    parser.add_argument('--methods', default=','.join(METHODS), help=f"a comma list of {', '.join(METHODS)}")
-    parser.add_argument('--out_dir', default='out-incremental', help="runs go to OUT_DIR/<tasks>-<method>")
-    parser.add_argument('--json', help="write every figure and the commands to this file")
-    parser.add_argument('--plot', help="write a PNG of the final losses (needs matplotlib)")
-    parser.add_argument('--jobs', type=int, default=1, help="runs at a time")
-    parser.add_argument('--rerun', action='store_true', help="train again even if a finished run is there")
-    for key, default in SETTINGS.items():
-        parser.add_argument(f'--{key}', type=type(default), default=default, help=f"(default {default})")
-    args, extra = parser.parse_known_args()
-    stages = parse_stages(args.tasks)
+    cfg = configure_or_exit(DEFAULTS, sys.argv[1:], __doc__, describe(__file__))
+    try:
+        stages = parse_stages(cfg['tasks'])
+    except ValueError as e:
+        fail(e)
     tasks = list(dict.fromkeys(t for s in stages for t in s))
-    methods = args.methods.split(',')
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or any(not a.startswith('--') for a in extra):
-        parser.error(f"unknown methods {unknown} (known: {', '.join(METHODS)})" if unknown else f"unexpected {extra}")
+    methods = cfg['methods'].split(',')
+    extra = cfg['train_args'].split()
+    if unknown := [m for m in methods if m not in METHODS]:
+        fail(f"unknown methods {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if stray := [a for a in extra if not a.startswith('--')]:
+        fail(f"--train_args holds {' '.join(stray)}: give train_efficient.py keys as --key=value")
+    if cfg['jobs'] < 1:
+        fail(f"--jobs must be at least 1, not {cfg['jobs']}")
     jobs = {}
-    with ThreadPoolExecutor(args.jobs) as pool:
+    with ThreadPoolExecutor(cfg['jobs']) as pool:
         for m in methods:
-            settings = {k: getattr(args, k) for k in SETTINGS}
-            out = os.path.join(args.out_dir, f"{args.tasks.replace(',', '')}-{run_name(m, settings)}")
+            settings = {k: cfg[k] for k in SETTINGS}
+            out = os.path.join(cfg['out_dir'], f"{cfg['tasks'].replace(',', '')}-{run_name(m, settings)}")
             n = 1 if m == 'joint' else len(stages)
-            jobs[m] = pool.submit(run, m, command(m, stages, settings, out, extra), out, n, args.rerun)
+            jobs[m] = pool.submit(run, m, command(m, stages, settings, out, extra), out, n, cfg['rerun'])
     results = {m: job.result() for m, job in jobs.items()}
     rows = summarize(results, tasks, stages, methods)
     print_tables(results, rows, tasks, stages)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(dict(tasks=args.tasks, extra=extra, methods={m: {**results[m], **rows[m]} for m in methods}), f, indent=1)
-        print(f"figures written to {args.json}")
-    if args.plot:
-        plot(rows, tasks, args.plot)
+    if cfg['json']:
+        with open(cfg['json'], 'w') as f:
+            json.dump(dict(tasks=cfg['tasks'], extra=extra, methods={m: {**results[m], **rows[m]} for m in methods}),
+                      f, indent=1)
+        print(f"figures written to {cfg['json']}")
+    if cfg['plot']:
+        plot(rows, tasks, cfg['plot'])
 
 
 if __name__ == '__main__':

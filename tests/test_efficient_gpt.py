@@ -10,9 +10,9 @@ import torch
 
 import bench_suite
 from configurator import load_config_file
-from evaluate import streaming_loss
+from evaluate import evaluate_loss, streaming_loss
 from hierarchical_modules import groups_closed
-from model import GPTConfig
+from model import GPT, GPTConfig
 from model_efficient import EfficientGPT, EfficientGPTConfig
 
 CONFIG = load_config_file(os.path.join(bench_suite.REPO, 'config', 'train_efficient_gpt.py'))
@@ -121,3 +121,21 @@ def test_streaming_loss_scores_what_the_whole_text_forward_scores():
     losses = torch.nn.functional.cross_entropy(logits[0], x[1:101], reduction='none')
     assert inside == pytest.approx(losses[:32].mean().item(), rel=1e-4)
     assert past == pytest.approx(losses[32:].mean().item(), rel=1e-4)
+
+
+def test_suite_row_of_a_streaming_model_against_the_baseline():
+    model, data = tiny_combined(), (np.arange(400) % 50).astype(np.uint16)
+    torch.manual_seed(1)
+    base = EfficientGPT(EfficientGPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50)).eval()
+    cfg = dict(bench_suite.DEFAULTS, new_tokens=8, batch=2, runs=1, reference_runs=1, past_tokens=40, val_windows=2,
+               stream_eval_tokens=64, device='cpu')
+    prompts = torch.randint(50, (2, 1))
+    with torch.no_grad():
+        row = bench_suite.measure(model, base, data, cfg, prompts, lambda: None, {})
+        ref = bench_suite.reference(base, cfg, prompts, lambda: None)
+    # the loss read through the cached decode is the forward's: the model decodes what it trained
+    assert row['val_loss'] == pytest.approx(evaluate_loss(model, data, 32, 2, 2), rel=1e-4)
+    # the shortened layers run once per k tokens: less work than the same layers at full resolution
+    assert row['flops_per_token'] == model.decode_cost(4.5).flops < GPT.decode_cost(model, 4.5).flops
+    assert row['past_vs_reference']['median'] > 0 and 'stream_loss_past_block' in row and row['kv_cache_bytes'] > 0
+    assert {'b1_vs_cached', 'batch_vs_cached', 'past_vs_cached'} <= ref.keys()

@@ -288,8 +288,9 @@ def test_experiment_tables(capsys):
 
 def test_experiment_runs_methods_and_reads_finished_runs_back(tmp_path, tasks_dir):
     cmd = [sys.executable, os.path.join(ROOT, 'incremental_experiment.py'), '--methods=naive,joint', '--jobs=2',
-           f'--out_dir={tmp_path}', f'--json={tmp_path / "r.json"}', f'--plot={tmp_path / "r.png"}', f'--dataset={tasks_dir}',
-           *[a for a in TINY if a != '--progress=False'], '--iters_per_task=3', '--lr_decay_iters=3', '--eval_interval=1000']
+           f'--out_dir={tmp_path}', f'--json={tmp_path / "r.json"}', f'--plot={tmp_path / "r.png"}',
+           '--train_args=' + ' '.join([f'--dataset={tasks_dir}', *[a for a in TINY if a != '--progress=False'],
+                                       '--iters_per_task=3', '--lr_decay_iters=3', '--eval_interval=1000'])]
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
