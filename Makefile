@@ -16,7 +16,7 @@ $(VENV)/installed: pyproject.toml
 # Train the small character model on Tiny Shakespeare (a few minutes on a laptop CPU) and print a sample.
 demo: $(VENV)/installed
 	$(PY) train_efficient.py config/train_shakespeare_char_cpu.py
-	$(PY) sample.py --ckpt=out-shakespeare-char-cpu/ckpt.pt --num_samples=1 --max_new_tokens=500
+	$(PY) sample.py --out_dir=out-shakespeare-char-cpu --num_samples=1 --max_new_tokens=500
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q

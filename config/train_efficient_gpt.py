@@ -19,6 +19,6 @@ pos_emb = 'rope'
 enable_local_attention = True
 local_attention_window = 64
 # Left off, each measured alone on this model (docs/): top-k and MoE MLPs slow batch-1 decode at 128
-# dims (0.80x and 0.66x: the gathered down-projection and the router cost more than they skip); ACT slows
+# dims (0.80x and 0.60x: the gathered down-projection and the router cost more than they skip); ACT slows
 # it too (0.68x); early exit does not combine with the hourglass or rope (its decoder steps full-resolution
-# layers with plain caches), and alone it reached 1.9x only at +4.5% loss.
+# layers with plain caches), and alone it reached 2.09x only at +4.5% loss.
