@@ -18,7 +18,7 @@ from model import GPT, GPTConfig, LayerNorm, block_cost, decoding, module_cost
 class EfficientGPTConfig(GPTConfig):
     # Each mechanism adds its group of fields here, off by default; conflicts go in __post_init__.
 
-    # local attention (mechanism 5): the query at position t attends to itself and the w-1 positions before
+    # local attention: the query at position t attends to itself and the w-1 positions before
     # it (t-w+1 .. t); O(T·w) training and a rolling KV cache of w entries at decode
     enable_local_attention: bool = False
     local_attention_window: int = 128  # w

@@ -12,6 +12,8 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
+
 GPT2_BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'gpt2_bpe')
 # sha256 of OpenAI's GPT-2 files, the same values tiktoken's own "gpt2" encoding checks
 GPT2_BPE_SHA256 = {
@@ -123,6 +125,18 @@ def vocabulary_difference(known, meta):
         shown = ', '.join(repr(c) for c in unseen[:20]) + (f' and {len(unseen) - 20} more' if len(unseen) > 20 else '')
         return f"the corpus has characters outside the checkpoint's vocabulary of {len(known['itos'])}: {shown}"
     return "the same characters numbered differently"
+
+def write_split(folder, text, meta, prefix='', train_fraction=0.9):
+    """Tokenize text with meta's tokenizer, the first train_fraction of its characters into {prefix}train.bin
+    and the rest into {prefix}val.bin (uint16 token ids, nanoGPT's split), and write meta.json beside them."""
+    tok, n = load_tokenizer(meta), int(len(text) * train_fraction)
+    for split, part in (('train', text[:n]), ('val', text[n:])):
+        ids = tok.encode(part)
+        print(f"{prefix}{split} has {len(ids):,} tokens")
+        np.array(ids, dtype=np.uint16).tofile(os.path.join(folder, f'{prefix}{split}.bin'))
+    with open(os.path.join(folder, 'meta.json'), 'w', encoding='utf-8') as f:
+        json.dump(meta, f, ensure_ascii=False)
+
 
 def ensure_prepared(data_dir, files=('train.bin', 'val.bin')):
     """Make sure data_dir holds files, running data_dir/prepare.py if one of them is missing."""

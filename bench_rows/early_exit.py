@@ -28,17 +28,14 @@ def early_exit(b):
     """early exit sweep, batch 1: tok/s vs the cached baseline, decode-consistent val loss, layers, FLOPs"""
     if not applies(b) or not b.val_data:
         return None
-    m, prompt, n, T = b.model, b.prompt[:1], b.new_tokens, b.model.config.block_size
+    m, n, T = b.model, b.new_tokens, b.model.config.block_size
     data = val_memmap(b.val_data)
     base = evaluate_loss(b.baseline, data, T, b.batch, b.exit_windows, b.device)
     out = dict(windows=b.exit_windows, tokens_scored=len(fixed_windows(data, T, b.exit_windows)) * T,
                baseline_val_loss=base, full_val_loss=evaluate_loss(m, data, T, b.batch, b.exit_windows, b.device),
                dense_flops_per_token=b.baseline.decode_cost((n + 2) / 2).flops)
     for criterion, threshold in b.exit_sweep:
-        stats = {}
-        _, _, t = time_pair(lambda: m.generate(prompt, n, temperature=0, decode='early_exit', stats=stats,
-                                               criterion=criterion, threshold=threshold),
-                            lambda: b.baseline.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+        _, t, stats = engine_pair(b, b.baseline, decode='early_exit', criterion=criterion, threshold=threshold)
         q = decode_consistent_loss(m, data, T, b.exit_windows, criterion, threshold, b.device)
         out[f'{criterion}@{threshold}'] = dict(
             **speed(t), val_loss=q['loss'], loss_delta=(q['loss'] - base) / base,
@@ -47,19 +44,24 @@ def early_exit(b):
     return out
 
 
+def engine_pair(b, other, **policy):
+    """Greedy batch-1 decode of the model with a decode engine and policy, timed against other's full cached
+    decode: (whether the tokens are identical, time_pair's stats, what the engine measured)."""
+    prompt, n, stats = b.prompt[:1], b.new_tokens, {}
+    a, ref, t = time_pair(lambda: b.model.generate(prompt, n, temperature=0, stats=stats, **policy),
+                          lambda: other.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+    return torch.equal(a, ref), t, stats
+
+
 def speculative(b):
     """self-speculative decode, batch 1, greedy: tok/s vs decode='full' of the same model"""
     if not applies(b):
         return None
-    m, prompt, n = b.model, b.prompt[:1], b.new_tokens
     out = {}
     for layers, tokens in b.spec_sweep:
-        stats = {}
-        spec, full, t = time_pair(lambda: m.generate(prompt, n, temperature=0, decode='speculative', stats=stats,
-                                                     draft_layers=layers, draft_tokens=tokens),
-                                  lambda: m.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+        identical, t, stats = engine_pair(b, b.model, decode='speculative', draft_layers=layers, draft_tokens=tokens)
         out[f'draft {layers} layers x {tokens}'] = dict(
-            **speed(t), full_tok_s=t['b']['median'], identical_tokens=torch.equal(spec, full),
+            **speed(t), full_tok_s=t['b']['median'], identical_tokens=identical,
             acceptance_rate=stats['acceptance_rate'], tokens_per_pass=stats['tokens_per_pass'],
             flops_per_token=stats['flops_per_token'])
     return out

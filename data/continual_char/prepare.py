@@ -5,15 +5,12 @@ One character vocabulary covers all three texts, so one model (one embedding tab
 Writes A_train.bin, A_val.bin, B_train.bin, ... (np.uint16 token ids, the first 90% of each text is train)
 and meta.json next to this file. Runs offline: the texts ship with the repository (see README.md).
 """
-import json
 import os
 import sys
 
-import numpy as np
-
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, '..', '..')) # the repo root, for tokenizer.py
-from tokenizer import char_meta, load_tokenizer
+from tokenizer import char_meta, write_split
 
 tasks = {'A': 'shakespeare', 'B': 'sherlock', 'C': 'lua'}
 paths = {'A': os.path.join(here, '..', 'shakespeare_char', 'input.txt'),
@@ -28,14 +25,5 @@ for task, path in paths.items():
 meta = char_meta(''.join(texts.values()))
 meta['tasks'] = tasks
 print(f"shared vocab size: {meta['vocab_size']:,}")
-tok = load_tokenizer(meta)
-
 for task, data in texts.items():
-    n = len(data)
-    train_ids = tok.encode(data[:int(n*0.9)])
-    val_ids = tok.encode(data[int(n*0.9):])
-    print(f"task {task}: train has {len(train_ids):,} tokens, val has {len(val_ids):,} tokens")
-    np.array(train_ids, dtype=np.uint16).tofile(os.path.join(here, f'{task}_train.bin'))
-    np.array(val_ids, dtype=np.uint16).tofile(os.path.join(here, f'{task}_val.bin'))
-with open(os.path.join(here, 'meta.json'), 'w', encoding='utf-8') as f:
-    json.dump(meta, f, ensure_ascii=False)
+    write_split(here, data, meta, prefix=f'{task}_')
