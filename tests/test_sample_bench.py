@@ -148,3 +148,22 @@ def test_bench_checkpoint_selected_rows(tiny, tmp_path):
     assert list(json.loads((tmp_path / 'b.json').read_text())['rows']) == ['decode', 'compute']
     r = run('bench.py', '--rows=decode,nope', cwd=tmp_path)
     assert r.returncode == 2 and 'nope' in r.stderr
+
+
+def test_sample_interactive_continues_each_prompt_until_end_of_input(tiny, tmp_path):
+    model, tok, path = tiny
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, str(REPO / 'sample.py'), f'--ckpt={path}', '--interactive', '--temperature=0',
+                        '--num_samples=1', '--max_new_tokens=12'], input='First\nhear\n', capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for prompt in ('First', 'hear'):  # each typed prompt, then its continuation as it streamed
+        assert continuation(model, tok, prompt, 12, temperature=0) + SEP in r.stdout
+    assert r.stdout.count(SEP) == 2 and 'Ctrl-D' in r.stdout
+
+
+def test_sample_rejects_values_torch_would_choke_on(tiny, tmp_path):
+    _, _, path = tiny
+    for arg in ('--temperature=-1', '--temperature=nan', '--temperature=1e-45', '--top_k=-3', '--num_samples=0'):
+        r = run('sample.py', f'--ckpt={path}', arg, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith('error: ') and len(r.stderr.splitlines()) == 1, (arg, r.stderr)
