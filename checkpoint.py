@@ -3,7 +3,10 @@ Checkpoints: written atomically, read with torch.load(weights_only=True), and tu
 Also reads checkpoints written by nanoGPT's train.py (vocabulary from that data folder's meta.pkl).
 """
 
+import errno
 import os
+import pickle
+import re
 from dataclasses import asdict
 
 import torch
@@ -19,16 +22,54 @@ class CheckpointError(ValueError):
     pass
 
 
+def _write_failure(e):
+    """Why a checkpoint write failed, in words: the OSError's errno when there is one (torch's zip writer wraps
+    it in a RuntimeError such as 'unexpected pos 6007040 vs 6006932', keeping the OSError as its context)."""
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    code = getattr(cause, 'errno', None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    if code == errno.EFBIG:
+        return "the file would exceed the largest file this process may write (ulimit -f)"
+    if cause is not None:
+        return f"{cause.strerror or cause}"
+    if 'unexpected pos' in str(e) or 'write failed' in str(e):
+        return "the write stopped short (is the disk full?)"
+    return _first_line(e)
+
+
 def save_checkpoint(ckpt, path):
-    """Write to a temporary file, then rename over path: an interrupted write leaves the old file whole."""
+    """Write to a temporary file, flush it to disk, then rename it over path: an interrupted or failed write
+    leaves the old file whole. A failed write is a CheckpointError that says why and that the old file stands."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'
     try:
-        torch.save(ckpt, tmp)
+        with open(tmp, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        kept = "the previous checkpoint there is intact" if os.path.exists(path) else "no checkpoint was there before"
+        raise CheckpointError(f"could not write {path}: {_write_failure(e)}; {kept}") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def _not_ours(e):
+    """Why torch.load refused a file, without torch's advice to load it with weights_only=False (never do
+    that with a file you did not write: it runs whatever code the file holds)."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a {found.group(1)} object, which checkpoints never contain"
+    if isinstance(e, (pickle.UnpicklingError, EOFError)) or 'zip archive' in text or 'central directory' in text:
+        return "it is not a file torch.save wrote, or it was cut short"
+    first = text.strip().splitlines()[0] if text.strip() else ''
+    return f"{type(e).__name__}: {first}" if 'weights_only' not in first else "torch cannot read it safely"
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -37,11 +78,11 @@ def load_checkpoint(path, map_location='cpu'):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line})") from e
+        raise CheckpointError(f"{path} is not a checkpoint this project wrote, nor a nanoGPT one: {_not_ours(e)}") from None
     missing = [k for k in ('model', 'model_args') if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is not an EfficientGPT or nanoGPT checkpoint: it has no {', '.join(missing)}")
+        raise CheckpointError(f"{path} is not a checkpoint this project wrote, nor a nanoGPT one: "
+                              f"it has no {', '.join(missing)}")
     return ckpt
 
 
@@ -56,14 +97,32 @@ def model_checkpoint(model, meta):
     return dict(model=model_state(model), model_type=model_type, model_args=asdict(model.config), meta=meta)
 
 
-def build_model(model_type, model_args):
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def model_config(model_type, model_args):
+    """The config dataclass of a model type, checked: any error it raises is a one-line CheckpointError."""
     if model_type not in MODELS:
         raise CheckpointError(f"unknown model_type {model_type!r}; known: {', '.join(MODELS)}")
-    model_cls, config_cls = MODELS[model_type]
+    config_cls = MODELS[model_type][1]
     try:
-        return model_cls(config_cls(**model_args))
+        return config_cls(**model_args)
     except TypeError as e:
-        raise CheckpointError(f"model_args do not fit {config_cls.__name__}: {e}") from e
+        raise CheckpointError(f"model_args do not fit {config_cls.__name__}: {_first_line(e)}") from None
+    except (ValueError, AssertionError) as e:
+        raise CheckpointError(f"model config: {_first_line(e)}") from None
+
+
+def build_model(model_type, model_args):
+    """The model of a type and its args. A config the model cannot be built from (a bad layer pattern, n_embd
+    not divisible by n_head, ...) is a one-line CheckpointError, never a traceback."""
+    config = model_config(model_type, model_args)
+    try:
+        return MODELS[model_type][0](config)
+    except (ValueError, AssertionError) as e:
+        raise CheckpointError(f"model config: {_first_line(e)}") from None
 
 
 def model_from_checkpoint(ckpt, data_root='data'):
@@ -75,7 +134,7 @@ def model_from_checkpoint(ckpt, data_root='data'):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit the model they describe: {e}") from e
+        raise CheckpointError(f"checkpoint weights do not fit the model they describe: {_first_line(e)}") from e
     meta = ckpt.get('meta')
     if meta is None:
         dataset = ckpt.get('config', {}).get('dataset')

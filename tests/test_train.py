@@ -91,7 +91,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     save_checkpoint({'model': {'w': torch.ones(2)}, 'model_args': {}}, path)
 
     def broken_save(obj, f):
-        open(f, 'wb').write(b'half a checkpoint')
+        f.write(b'half a checkpoint')
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, 'save', broken_save)
