@@ -16,28 +16,33 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')) # the repo root, for tokenizer.py
 from tokenizer import char_meta, load_tokenizer
 
+def fail(message):
+    # common.fail's convention (one error line, exit status 2), without importing torch for it
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
 def read_files(paths):
     texts = []
     for path in paths:
         if not os.path.isfile(path):
-            sys.exit(f"error: input file not found: {path}")
+            fail(f"input file not found: {path}")
         try:
             with open(path, encoding='utf-8') as f:
                 texts.append(f.read())
         except UnicodeDecodeError as e:
-            sys.exit(f"error: {path} is not UTF-8 text ({e})")
+            fail(f"{path} is not UTF-8 text ({e})")
     return texts
 
 def read_hf_dataset(name, config, split, field):
     try:
         import datasets # imported here: only this path needs it, and it is an optional dependency
     except ImportError:
-        sys.exit("error: --hf_dataset needs the Hugging Face datasets package: pip install 'efficientgpt[data]' "
+        fail("--hf_dataset needs the Hugging Face datasets package: pip install 'efficientgpt[data]' "
                  "(or pip install datasets)")
     from tqdm import tqdm
     ds = datasets.load_dataset(name, config, split=split)
     if field not in ds.column_names:
-        sys.exit(f"error: {name} has no field {field!r}; its fields are {ds.column_names} (choose one with --hf_text_field)")
+        fail(f"{name} has no field {field!r}; its fields are {ds.column_names} (choose one with --hf_text_field)")
     return [row[field] for row in tqdm(ds, desc=f"reading {name} [{split}]")]
 
 def join_texts(texts):
@@ -65,24 +70,24 @@ def main():
     parser.add_argument('--val_fraction', type=float, default=0.1, help="the fraction of the text, from its end, for val (default: 0.1)")
     args = parser.parse_args()
     if not 0 < args.val_fraction < 1:
-        parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+        fail(f"--val_fraction must be between 0 and 1, not {args.val_fraction}")
 
     if args.input:
         text = join_texts(read_files(args.input))
     else:
         text = join_texts(read_hf_dataset(args.hf_dataset, args.hf_config, args.hf_split, args.hf_text_field))
     if not text:
-        sys.exit("error: the text is empty")
+        fail("the text is empty")
     n = len(text)
     cut = int(n * (1 - args.val_fraction))
     if cut == 0 or cut == n:
-        sys.exit(f"error: the text ({n:,} characters) is too short to split with --val_fraction {args.val_fraction}")
+        fail(f"the text ({n:,} characters) is too short to split with --val_fraction {args.val_fraction}")
     print(f"length of dataset in characters: {n:,}")
 
     if args.tokenizer == 'char':
         meta = char_meta(text)
         if meta['vocab_size'] > 2**16:
-            sys.exit(f"error: the text has {meta['vocab_size']:,} distinct characters, more than the 65,536 ids "
+            fail(f"the text has {meta['vocab_size']:,} distinct characters, more than the 65,536 ids "
                      f"np.uint16 can hold; use --tokenizer gpt2")
     else:
         meta = {'vocab_size': 50257, 'tokenizer': 'gpt2'}
@@ -92,6 +97,12 @@ def main():
     val_ids = tok.encode(text[cut:])
     print(f"train has {len(train_ids):,} tokens")
     print(f"val has {len(val_ids):,} tokens")
+    # a training window of block_size tokens reads block_size + 1 (its targets are shifted by one)
+    longest = min(len(train_ids), len(val_ids)) - 1
+    if longest < 1:
+        fail(f"the text is too short to train on: train has {len(train_ids):,} tokens and val {len(val_ids):,}, and each "
+             f"split needs at least block_size + 1 (2 for block_size=1); use more text")
+    print(f"largest block_size these splits allow: {longest:,}")
 
     os.makedirs(args.out, exist_ok=True)
     np.array(train_ids, dtype=np.uint16).tofile(os.path.join(args.out, 'train.bin'))
