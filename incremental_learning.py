@@ -189,7 +189,14 @@ class IncrementalLearner:
         self.adaptive_lr_strength = c['adaptive_lr_strength']
         # round half up, so that e.g. 0.25 of 12 is exactly 3 replayed windows in every batch
         self.n_replay = int(c['replay_ratio'] * self.batch_size + 0.5)
+        # windows per R entry: None for the whole split; with final_eval_windows=0 no R matrix is measured
         self.eval_windows = None if c['final_eval_windows'] < 0 else c['final_eval_windows']
+        for task in self.tasks:
+            for split in ('train', 'val'):
+                tokens = os.path.getsize(os.path.join(data_dir, f'{task}_{split}.bin')) // 2
+                if tokens <= self.block_size:
+                    raise ValueError(f"{task}_{split}.bin of {data_dir} has {tokens:,} tokens, too few for one window of "
+                                     f"block_size={self.block_size} (that needs block_size + 1)")
         self.buffer = ReplayBuffer(c['replay_buffer_size'], self.block_size + 1, c['seed']) if c['replay_buffer_size'] else None
         self.stage, self.R, self.fisher, self.anchor, self.update_scale = 0, [], None, None, None
 
@@ -251,10 +258,11 @@ class IncrementalLearner:
         next stage. Returns the R row as text, or None mid-stage."""
         if iter_num % self.iters_per_task:
             return None
-        self.R.append([evaluate_loss(model, self.data(t, 'val'), self.block_size, max_windows=self.eval_windows,
-                                     device=self.device, ctx=ctx) for t in self.tasks])
-        row = f"after stage {'+'.join(self.stages[self.stage])}: val loss " + ", ".join(
-            f"{t} {v:.4f}" for t, v in zip(self.tasks, self.R[-1]))
+        row = f"after stage {'+'.join(self.stages[self.stage])}"
+        if self.eval_windows != 0:
+            self.R.append([evaluate_loss(model, self.data(t, 'val'), self.block_size, max_windows=self.eval_windows,
+                                         device=self.device, ctx=ctx) for t in self.tasks])
+            row += ": val loss " + ", ".join(f"{t} {v:.4f}" for t, v in zip(self.tasks, self.R[-1]))
         if self.stage + 1 < len(self.stages):
             if self.fisher_batches:
                 self.consolidate(model)
@@ -285,6 +293,8 @@ class IncrementalLearner:
         return [next(i for i, s in enumerate(self.stages) if t in s) for t in self.tasks]
 
     def report(self):
+        if not self.R:
+            return "no R matrix: final_eval_windows=0 skips the per-stage val losses"
         return format_report(self.tasks, self.stages, self.R, self.learned())
 
     def state_dict(self):
