@@ -7,12 +7,14 @@ Override any key from the command line:
 $ python train_efficient.py config/train_shakespeare_char_cpu.py --max_iters=500 --model_type=efficient
 Incremental learning, task A then task B, with EWC and replay (incremental_learning.py):
 $ python train_efficient.py config/train_incremental_char_cpu.py --fisher_batches=20 --ewc_lambda=3 --replay_buffer_size=2000 --replay_ratio=0.125
-Resume a run exactly where it stopped (Ctrl-C writes a checkpoint first):
+Resume a run exactly where it stopped (Ctrl-C writes a checkpoint first); the model keys come from the checkpoint:
 $ python train_efficient.py config/train_shakespeare_char_cpu.py --init_from=resume
+A fresh run never replaces a checkpoint in out_dir unless told to (--overwrite=True).
 DDP on 4 GPUs of one node (gloo on CPU: add --device=cpu):
 $ torchrun --standalone --nproc_per_node=4 train_efficient.py config/train_shakespeare_char.py
 """
 
+import ast
 import inspect
 import math
 import os
@@ -28,7 +30,7 @@ from torch.distributed import all_reduce, destroy_process_group, init_process_gr
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import build_model, load_checkpoint, model_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, build_model, load_checkpoint, model_checkpoint, model_config, save_checkpoint
 from common import autocast, dataset_dir, fail, pick_device, pick_dtype
 from configurator import configure_or_exit, describe, print_config
 from evaluate import bits, evaluate_loss
@@ -40,22 +42,23 @@ from tokenizer import ensure_prepared, read_meta, vocabulary_difference
 # -----------------------------------------------------------------------------
 # default config values: a small character model that trains on a laptop CPU in minutes
 # I/O
-out_dir = 'out'
-eval_interval = 250  # estimate losses and write the checkpoint every this many iterations
-log_interval = 10
-eval_iters = 20  # batches per random-batch loss estimate (logs only; see final_eval_windows)
+out_dir = 'out'  # folder of the checkpoint, out_dir/ckpt.pt
+eval_interval = 250  # estimate losses and write the checkpoint every this many iterations (>= 1)
+log_interval = 10  # log the training loss, tokens/s and lr every this many iterations (>= 1)
+eval_iters = 20  # batches per random-batch loss estimate (logs only; see final_eval_windows) (>= 1)
 final_eval_windows = -1  # deterministic val loss at the end over this many fixed windows; -1: whole split, 0: skip
-eval_only = False
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-progress = True  # progress bar with loss and tokens/s
+eval_only = False  # True: evaluate (at the first iteration and at the end) and exit, writing nothing
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt, with the model keys stored there)
+overwrite = False  # True: a run from scratch may replace a checkpoint already in out_dir
+progress = True  # progress bar on a terminal; in a log file, or with False, a plain line every log_interval
 # wandb logging (optional extra, off by default)
-wandb_log = False
-wandb_project = 'efficientgpt'
-wandb_run_name = 'run'
+wandb_log = False  # True: log losses to Weights & Biases (pip install 'efficientgpt[wandb]')
+wandb_project = 'efficientgpt'  # the wandb project
+wandb_run_name = 'run'  # the wandb run name
 # data
 dataset = 'shakespeare_char'  # a folder under data/, or a path to a folder with train.bin, val.bin, meta.json
-gradient_accumulation_steps = 1
-batch_size = 12
+gradient_accumulation_steps = 1  # micro-batches per optimizer step (>= 1; under DDP, a multiple of the world size)
+batch_size = 12  # sequences per micro-batch (>= 1)
 # incremental learning (incremental_learning.py): tasks data_dir/{task}_train.bin, _val.bin over one vocabulary
 incremental_tasks = ''  # '' trains on train.bin; 'A,B,C': A, then B, then C; 'A+B': one stage of A and B mixed (joint)
 iters_per_task = 1000  # iterations per stage (max_iters becomes their total); the lr schedule restarts every stage
@@ -66,52 +69,155 @@ replay_buffer_size = 0  # windows kept by reservoir sampling over all training w
 replay_ratio = 0.0  # fraction of each training batch replayed from earlier tasks (round half up)
 adaptive_lr_strength = 0.0  # each parameter's update scaled by 1 / (1 + strength * F / mean F)
 # model: 'gpt' (model.py) or 'efficient' (model_efficient.py); every field of EfficientGPTConfig is a key too
-model_type = 'gpt'
+model_type = 'gpt'  # 'gpt' (the baseline, model.py) or 'efficient' (EfficientGPT, model_efficient.py)
 # adamw optimizer
-learning_rate = 1e-3
-max_iters = 2000
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.99
+learning_rate = 1e-3  # peak learning rate (>= 0)
+max_iters = 2000  # total training iterations (>= 0)
+weight_decay = 1e-1  # AdamW weight decay of the matmul and embedding weights (>= 0)
+beta1 = 0.9  # AdamW beta1, in [0, 1)
+beta2 = 0.99  # AdamW beta2, in [0, 1)
 grad_clip = 1.0  # clip gradients at this norm; 0 disables
 # learning rate schedule: linear warm-up, then cosine decay to min_lr
-decay_lr = True
-warmup_iters = 100
-lr_decay_iters = 2000
-min_lr = 1e-4
+decay_lr = True  # False: a constant learning_rate
+warmup_iters = 100  # linear warm-up iterations (>= 0)
+lr_decay_iters = 2000  # cosine decay ends here (> warmup_iters), then min_lr
+min_lr = 1e-4  # the learning rate at the end of the decay (>= 0)
 # system
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto': bfloat16 autocast on CUDA when supported, else float16 (with GradScaler); float32 elsewhere
 compile = False  # torch.compile the model
-seed = 1337
+seed = 1337  # seed of the initial weights, the batches and dropout
 # -----------------------------------------------------------------------------
 model_defaults = {f.name: f.default for f in fields(EfficientGPTConfig) if f.name != 'vocab_size'}
-model_defaults.update(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
+model_defaults.update(
+    block_size=64,  # context length in tokens (>= 1; the data's splits need more tokens than this)
+    n_layer=4,  # transformer blocks (>= 1)
+    n_head=4,  # attention heads per block (>= 1, divides n_embd)
+    n_embd=128,  # width of the residual stream (>= 1)
+    dropout=0.0,  # dropout rate in [0, 1); may change on resume (fine-tuning)
+    bias=False,  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+)
 script_defaults = {k: v for k, v in globals().items()
                    if not k.startswith('_') and isinstance(v, (int, float, bool, str)) and k not in ('math', 'np')}
 config = configure_or_exit({**script_defaults, **model_defaults}, sys.argv[1:], __doc__,
                            describe(__file__, *map(inspect.getsourcefile, (EfficientGPTConfig, GPTConfig))))
 globals().update(config)
 # -----------------------------------------------------------------------------
+# model keys that may change when a run resumes (regularisation and loss weights: nothing the weights' shapes
+# or meaning depend on); any other model key must stay as the checkpoint has it
+RESUME_MAY_CHANGE = ('dropout', 'layer_dropout', 'early_exit_loss_weight', 'ponder_cost', 'router_aux_loss_weight',
+                     'router_z_loss_weight')
 
 
-if model_type not in ('gpt', 'efficient'):
-    fail(f"model_type must be 'gpt' or 'efficient', not {model_type!r}")
-if model_type == 'gpt':
-    gpt_keys = {f.name for f in fields(GPTConfig)}
-    stray = [k for k, v in model_defaults.items() if k not in gpt_keys and config[k] != v]
-    if stray:
-        fail(f"{', '.join(stray)} only apply to model_type='efficient'")
-incremental_keys = ('iters_per_task', 'ewc_lambda', 'ewc_gamma', 'fisher_batches', 'replay_buffer_size', 'replay_ratio', 'adaptive_lr_strength')
-if not incremental_tasks and any(config[k] != script_defaults[k] for k in incremental_keys):
-    fail(f"{', '.join(k for k in incremental_keys if config[k] != script_defaults[k])}: these keys need incremental_tasks (e.g. incremental_tasks='A,B')")
-if init_from not in ('scratch', 'resume'):
-    fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
+def given_keys(argv):
+    """The keys this command line sets, by --key or by an assignment in one of its config files, as opposed
+    to those left at their defaults."""
+    keys = {a[2:].partition('=')[0] for a in argv if a.startswith('--')}
+    for path in (a for a in argv if not a.startswith('--')):
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        keys.update(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+    return keys
+
+
+def check_settings():
+    """Every value that would otherwise fail deep inside torch (or silently do nothing): one line, exit 2."""
+    checks = [
+        (eval_interval >= 1, f"eval_interval must be >= 1, not {eval_interval}"),
+        (log_interval >= 1, f"log_interval must be >= 1, not {log_interval}"),
+        (eval_iters >= 1, f"eval_iters must be >= 1, not {eval_iters} (final_eval_windows sets the final evaluation)"),
+        (final_eval_windows >= -1, f"final_eval_windows must be -1 (the whole split), 0 (skip) or a number of windows, "
+                                   f"not {final_eval_windows}"),
+        (max_iters >= 0, f"max_iters must be >= 0, not {max_iters}"),
+        (gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1, not {gradient_accumulation_steps}"),
+        (batch_size >= 1, f"batch_size must be >= 1, not {batch_size}"),
+        (learning_rate >= 0 and min_lr >= 0, f"learning_rate and min_lr must be >= 0, not {learning_rate} and {min_lr}"),
+        (warmup_iters >= 0, f"warmup_iters must be >= 0, not {warmup_iters}"),
+        (not decay_lr or lr_decay_iters > warmup_iters,
+         f"lr_decay_iters ({lr_decay_iters}) must be > warmup_iters ({warmup_iters}), or set decay_lr=False"),
+        (weight_decay >= 0, f"weight_decay must be >= 0, not {weight_decay}"),
+        (0 <= beta1 < 1 and 0 <= beta2 < 1, f"beta1 and beta2 must be in [0, 1), not {beta1} and {beta2}"),
+        (grad_clip >= 0, f"grad_clip must be >= 0 (0: no clipping), not {grad_clip}"),
+        (model_type in ('gpt', 'efficient'), f"model_type must be 'gpt' or 'efficient', not {model_type!r}"),
+        (init_from in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', not {init_from!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if gradient_accumulation_steps % world:
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of the world size ({world})")
+
+
+def check_model(model_type, model_args):
+    """The model keys: what GPTConfig leaves unchecked, then the config class's own checks (checkpoint.model_config)."""
+    a = model_args
+    checks = [(a['block_size'] >= 1, f"block_size must be >= 1, not {a['block_size']}"),
+              (a['n_layer'] >= 1, f"n_layer must be >= 1, not {a['n_layer']}"),
+              (a['n_head'] >= 1 and a['n_embd'] >= 1, f"n_head and n_embd must be >= 1, not {a['n_head']} and {a['n_embd']}"),
+              (a['n_embd'] % a['n_head'] == 0, f"n_embd ({a['n_embd']}) must be a multiple of n_head ({a['n_head']})"),
+              (0 <= a['dropout'] < 1, f"dropout must be in [0, 1), not {a['dropout']}")]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    try:
+        model_config(model_type, model_args)
+    except CheckpointError as e:
+        fail(e)
+
+
+def resume_settings(checkpoint, given):
+    """Make config the run a checkpoint continues: its model type and model keys, except those in
+    RESUME_MAY_CHANGE that this command line sets. A key the command line sets to another value is an error.
+    Returns the model args to build."""
+    old_type, old_args = checkpoint['model_type'], checkpoint['model_args']
+    changed, taken, errors = [], [], []
+    olds = {'model_type': old_type, **{k: old_args.get(k, v) for k, v in model_defaults.items()}}
+    for k, old in olds.items():
+        new = config[k]
+        if new == old:
+            continue
+        if k not in given:
+            config[k] = old
+            taken.append(f"{k}={old!r}")
+        elif k in RESUME_MAY_CHANGE and k in old_args:
+            changed.append(f"{k} {old!r} -> {new!r}")
+        else:
+            errors.append(f"{k} {old!r} -> {new!r}")
+    if errors:
+        fail(f"the model of {ckpt_path} cannot change on resume: {', '.join(errors)}. Leave these keys out (resume "
+             f"takes the checkpoint's), or start a new run in another out_dir; only {', '.join(RESUME_MAY_CHANGE)} may change")
+    if master_process and taken:
+        print(f"resume: model keys from the checkpoint: {', '.join(taken)}")
+    if master_process and changed:
+        print(f"resume: changed: {', '.join(changed)}")
+    globals().update({k: config[k] for k in olds})
+    return {**old_args, **{k: config[k] for k in RESUME_MAY_CHANGE if k in old_args}}
+
+
+def not_resumable(checkpoint, *keys):
+    """Fail unless the checkpoint holds these keys: nanoGPT's checkpoints, and those only for sampling, do not."""
+    missing = [k for k in keys if k not in checkpoint]
+    if missing:
+        fail(f"{ckpt_path} was not written by train_efficient.py (it has no {', '.join(missing)}): it cannot be "
+             f"resumed (sample.py and bench.py read it)")
+
+
+check_settings()
+given = given_keys(sys.argv[1:])
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun launch?
 device = pick_device(device)
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+try:
+    device_type = torch.device(device).type
+except RuntimeError:
+    fail(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', not {device!r}")
+if device_type == 'cuda' and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+    fail(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) PyTorch can use")
+if device_type == 'cuda' and not torch.cuda.is_available() or device_type == 'mps' and not torch.backends.mps.is_available():
+    fail(f"device={device!r}, but this machine has no {device_type.upper()} device PyTorch can use: use --device=cpu")
+dtype = pick_dtype(dtype, device)
 if ddp:
     init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
     ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
@@ -120,19 +226,42 @@ if ddp:
         torch.cuda.set_device(device)
     master_process = ddp_rank == 0  # this process does the logging, checkpointing etc.
     seed_offset = ddp_rank  # each process gets a different seed
-    assert gradient_accumulation_steps % ddp_world_size == 0, "gradient_accumulation_steps must divide by the world size"
     gradient_accumulation_steps //= ddp_world_size
 else:
     master_process, seed_offset, ddp_world_size = True, 0, 1
+
+# the model: from scratch, or the one in out_dir's checkpoint
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+checkpoint = None
+if init_from == 'scratch':
+    if os.path.exists(ckpt_path) and not eval_only and not overwrite:
+        fail(f"{ckpt_path} already holds a checkpoint: continue it with --init_from=resume, replace it with "
+             f"--overwrite=True, or choose another out_dir")
+    model_args = {k: config[k] for k in model_defaults if k in {f.name for f in fields(GPTConfig)} or model_type == 'efficient'}
+else:
+    try:
+        checkpoint = load_checkpoint(ckpt_path, map_location=device)
+    except CheckpointError as e:
+        fail(e)
+    not_resumable(checkpoint, 'model_type', 'meta')
+    model_args = resume_settings(checkpoint, given)
+if model_type == 'gpt':
+    gpt_keys = {f.name for f in fields(GPTConfig)}
+    stray = [k for k, v in model_defaults.items() if k not in gpt_keys and config[k] != v]
+    if stray:
+        fail(f"{', '.join(stray)} only appl{'ies' if len(stray) == 1 else 'y'} to model_type='efficient'")
+incremental_keys = ('iters_per_task', 'ewc_lambda', 'ewc_gamma', 'fisher_batches', 'replay_buffer_size', 'replay_ratio', 'adaptive_lr_strength')
+if not incremental_tasks and any(config[k] != script_defaults[k] for k in incremental_keys):
+    fail(f"{', '.join(k for k in incremental_keys if config[k] != script_defaults[k])}: these keys need incremental_tasks (e.g. incremental_tasks='A,B')")
+check_model(model_type, model_args)
+
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print_config(config)
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-dtype = pick_dtype(dtype, device)
 ctx = autocast(device, dtype)
 
 # data: memmaps are re-created per batch to avoid a memory leak (as in nanoGPT)
@@ -155,6 +284,12 @@ if incremental_tasks:
     max_iters = learner.max_iters
     if master_process:
         print(f"incremental learning: stages {incremental_tasks}, {iters_per_task} iterations each, max_iters={max_iters}")
+else:
+    for split in ('train', 'val'):
+        tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2
+        if tokens <= block_size:
+            fail(f"{split}.bin of {data_dir} has {tokens:,} tokens, too few for one window of block_size={block_size} "
+                 f"(that needs block_size + 1): lower block_size{f' to at most {tokens - 1}' if tokens > 1 else ''}, or use more text")
 
 
 def get_batch(split, generator):
@@ -169,36 +304,50 @@ def get_batch(split, generator):
     return x.to(device), y.to(device)
 
 
+def all_finite(tensors):
+    """True when every floating-point tensor holds only finite values (one device sync for all of them)."""
+    flags = [t.isfinite().all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
+
+
 # model
 iter_num, best_val_loss = 0, float('inf')
 # each evaluation's {iter, tokens, train_seconds, val_loss}: bench_suite.py reads time to a target loss from it
 eval_history, train_seconds = [], 0.0
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'scratch':
-    model_args = {k: config[k] for k in model_defaults if k in {f.name for f in fields(GPTConfig)} or model_type == 'efficient'}
+last_good = None  # the iteration of the checkpoint on disk that this run may fall back to
+if checkpoint is None:
+    if master_process:
+        print(f"initializing a new {model_type} model from scratch")
     model_args['vocab_size'] = meta['vocab_size']
-    print(f"initializing a new {model_type} model from scratch")
-    model = build_model(model_type, model_args)
-    checkpoint = None
 else:
-    print(f"resuming training from {ckpt_path}")
-    try:
-        checkpoint = load_checkpoint(ckpt_path, map_location=device)
-        model = build_model(checkpoint['model_type'], checkpoint['model_args'])
-    except ValueError as e:
-        fail(e)
+    if master_process:
+        print(f"resuming training from {ckpt_path}")
+    if checkpoint['meta'] != meta:
+        fail(f"the vocabulary of {data_dir} differs from the checkpoint's ({vocabulary_difference(checkpoint['meta'], meta)}): "
+             "resume on the data it was trained on; a checkpoint's tokens are never remapped")
+    not_resumable(checkpoint, 'optimizer', 'scaler', 'rng', 'iter_num')
+    if not all_finite(checkpoint['model'].values()):
+        fail(f"{ckpt_path} holds weights that are not finite (iteration {checkpoint['iter_num']}): it cannot be resumed")
+try:
+    model = build_model(model_type, model_args)
+except CheckpointError as e:
+    fail(e)
+if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     eval_history = checkpoint.get('eval_history', [])
     train_seconds = eval_history[-1]['train_seconds'] if eval_history else 0.0
-    if checkpoint['meta'] != meta:
-        fail(f"the vocabulary of {data_dir} differs from the checkpoint's ({vocabulary_difference(checkpoint['meta'], meta)}): "
-             "resume on the data it was trained on; a checkpoint's tokens are never remapped")
+    last_good = iter_num
     if learner is not None:
         try:
             learner.load_state_dict(checkpoint.get('incremental'))
         except ValueError as e:
             fail(e)
+    if iter_num > max_iters and not eval_only:
+        fail(f"{ckpt_path} is at iteration {iter_num}, past max_iters={max_iters}: raise max_iters to train on "
+             f"(or evaluate it with --eval_only)")
+if master_process and not eval_only:
+    os.makedirs(out_dir, exist_ok=True)
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -248,7 +397,28 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def fallback():
+    """Where this run's last good state is, for an error message."""
+    return (f"The last good checkpoint is {ckpt_path} (iteration {last_good})" if last_good is not None
+            else "No good checkpoint was written")
+
+
+def stop(message):
+    """A failure during training: one line on stderr and exit status 1 (bad settings exit with 2 before it starts)."""
+    bar.close()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def write_checkpoint(**extra):
+    """Write the training state, unless any of its weights, optimizer moments or losses is not finite: a
+    checkpoint on disk is always one that sample.py can use and a resumed run can continue."""
+    global last_good
+    moments = [t for s in optimizer.state.values() for t in s.values()]
+    losses = [*([eval_history[-1]['val_loss']] if eval_history else []), *extra.values()]
+    if not (all_finite([*raw_model.parameters(), *moments]) and all(map(math.isfinite, losses))):
+        stop(f"the training state is not finite at iteration {iter_num}, so it was not written. {fallback()}; "
+             f"try a lower learning_rate, or dtype='bfloat16'/'float32'")
     ckpt = model_checkpoint(raw_model, meta)
     ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
                 best_val_loss=best_val_loss, eval_history=eval_history, config=config, **extra,
@@ -256,7 +426,12 @@ def write_checkpoint(**extra):
                          cuda=torch.cuda.get_rng_state_all() if device_type == 'cuda' else []))
     if learner:
         ckpt['incremental'] = learner.state_dict()  # EWC state, replay buffer, stage and R matrix
-    save_checkpoint(ckpt, ckpt_path)
+    try:
+        save_checkpoint(ckpt, ckpt_path)
+    except CheckpointError as e:
+        resume = f"; free some space and continue from iteration {last_good} with --init_from=resume" if last_good is not None else ""
+        stop(f"{e}. Training stopped at iteration {iter_num}{resume}")
+    last_good = iter_num
 
 
 # Ctrl-C asks the loop to stop at the end of the current iteration and write a checkpoint;
@@ -282,24 +457,33 @@ if wandb_log and master_process:
         fail("wandb_log=True needs wandb: pip install 'efficientgpt[wandb]' (or set wandb_log=False)")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-# training loop
-bar = tqdm(total=max_iters, initial=iter_num, disable=not (progress and master_process), unit='it', dynamic_ncols=True)
+# training loop. A progress bar on a terminal; in a log file (or with progress=False) a line every log_interval
+bar_shown = progress and master_process and sys.stderr.isatty()
+bar = tqdm(total=max_iters, initial=iter_num, disable=not bar_shown, unit='it', dynamic_ncols=True)
+log = tqdm.write if bar_shown else print
+stopped_early = False  # Ctrl-C: the checkpoint is written where the loop stopped
 t0 = time.time()
 while True:
     lr = get_lr(learner.lr_iter(iter_num) if learner else iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    if iter_num % eval_interval == 0 and master_process:
+    if (iter_num % eval_interval == 0 or eval_only) and master_process:
         losses = estimate_loss()
-        tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if not all(map(math.isfinite, losses.values())):
+            stop(f"the loss estimate is not finite at iteration {iter_num} (train {losses['train']:.4g}, val "
+                 f"{losses['val']:.4g}); stopping. {fallback()}; "
+                 f"try a lower learning_rate, or dtype='bfloat16'/'float32'")
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         best_val_loss = min(best_val_loss, losses['val'])
-        eval_history.append(dict(iter=iter_num, tokens=iter_num * tokens_per_iter, train_seconds=train_seconds,
-                                 val_loss=float(losses['val'])))
-        if iter_num > 0 and not eval_only:
-            write_checkpoint()
+        # a run resumed at an evaluated iteration has its entry (and its checkpoint) already
+        if not (eval_history and eval_history[-1]['iter'] == iter_num):
+            eval_history.append(dict(iter=iter_num, tokens=iter_num * tokens_per_iter, train_seconds=train_seconds,
+                                     val_loss=float(losses['val'])))
+            if 0 < iter_num < max_iters and not eval_only:  # at max_iters the final checkpoint follows
+                write_checkpoint()
     if eval_only or iter_num >= max_iters:
         break
     if ddp:  # every rank must stop at the same iteration, or the next all-reduce hangs
@@ -310,6 +494,7 @@ while True:
         if master_process:
             write_checkpoint()
             print(f"checkpoint written at iteration {iter_num} to {ckpt_path}; continue with --init_from=resume")
+        stopped_early = True
         break
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
@@ -330,10 +515,8 @@ while True:
     lossf = loss.item() * gradient_accumulation_steps
     if not math.isfinite(lossf):
         # nothing is written: the checkpoint on disk is the last good state
-        bar.close()
-        print(f"error: loss is {lossf} at iteration {iter_num}; stopping. The last good checkpoint is {ckpt_path} "
-              f"(lower learning_rate, or use dtype='bfloat16'/'float32')", file=sys.stderr)
-        sys.exit(1)
+        stop(f"loss is {lossf} at iteration {iter_num}; stopping. {fallback()}; "
+             f"try a lower learning_rate, or dtype='bfloat16'/'float32'")
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -348,31 +531,35 @@ while True:
     if learner:  # at the end of a stage (on every rank): the R row, the Fisher, the next stage
         row = learner.after_step(raw_model, iter_num, ctx)
         if row and master_process:
-            tqdm.write(row)
+            log(row)
     if iter_num % log_interval == 0 and master_process:
         t1 = time.time()
         tok_s = tokens_per_iter * log_interval / (t1 - t0)
         t0 = t1
-        bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.1e}")
+        if bar_shown:
+            bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.1e}")
+        else:
+            print(f"iter {iter_num}: loss {lossf:.4f}, {tok_s:,.0f} tok/s, lr {lr:.1e}"
+                  + "".join(f", {k} {v.item():.4f}" for k, (w, v) in aux.items()))
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'tok_per_s': tok_s,
                        **{f'aux/{k}': v.item() for k, (w, v) in aux.items()}})
-        if aux and not progress:
-            print(f"iter {iter_num}: loss {lossf:.4f}, " + ", ".join(f"{k} {v.item():.4f}" for k, (w, v) in aux.items()))
 bar.close()
 
-if master_process and learner and not stop_requested:
-    print(learner.report())
+# the end: the incremental report or the final evaluation, then the final state (always written)
+if master_process and not stopped_early:
+    final = {}
+    if learner:
+        print(learner.report())
+    elif final_eval_windows != 0:
+        val_data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
+        windows = None if final_eval_windows < 0 else final_eval_windows
+        final['final_val_loss'] = val = evaluate_loss(raw_model, val_data, block_size, max_windows=windows, device=device, ctx=ctx)
+        n = (len(val_data) - 1) // block_size if windows is None else min(windows, (len(val_data) - 1) // block_size)
+        print(f"final val loss over {n} fixed windows of {block_size} tokens: {val:.4f} nats/token ({bits(val):.4f} bits/token)")
     if not eval_only:
-        write_checkpoint()
-elif master_process and final_eval_windows != 0 and not stop_requested:
-    val_data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
-    windows = None if final_eval_windows < 0 else final_eval_windows
-    val = evaluate_loss(raw_model, val_data, block_size, max_windows=windows, device=device, ctx=ctx)
-    n = (len(val_data) - 1) // block_size if windows is None else windows
-    print(f"final val loss over {n} fixed windows of {block_size} tokens: {val:.4f} nats/token ({bits(val):.4f} bits/token)")
-    if not eval_only:
-        write_checkpoint(final_val_loss=val)
+        write_checkpoint(**final)
+        print(f"checkpoint written at iteration {iter_num} to {ckpt_path}")
 if wandb_log and master_process:
     wandb.finish()
 if ddp:
