@@ -38,7 +38,7 @@ def read_hf_dataset(name, config, split, field):
         import datasets # imported here: only this path needs it, and it is an optional dependency
     except ImportError:
         fail("--hf_dataset needs the Hugging Face datasets package: pip install 'efficientgpt[data]' "
-                 "(or pip install datasets)")
+             "(or pip install datasets)")
     from tqdm import tqdm
     ds = datasets.load_dataset(name, config, split=split)
     if field not in ds.column_names:
@@ -88,7 +88,7 @@ def main():
         meta = char_meta(text)
         if meta['vocab_size'] > 2**16:
             fail(f"the text has {meta['vocab_size']:,} distinct characters, more than the 65,536 ids "
-                     f"np.uint16 can hold; use --tokenizer gpt2")
+                 f"np.uint16 can hold; use --tokenizer gpt2")
     else:
         meta = {'vocab_size': 50257, 'tokenizer': 'gpt2'}
     print(f"vocab size: {meta['vocab_size']:,}")
