@@ -139,36 +139,55 @@ def folded_kv(blocks):
     return torch.cat(weights), torch.cat(biases)
 
 
-def flop_costs(model):
-    """FLOPs of the pieces a decode engine runs for one token, from the modules' own costs (model.Cost):
-    a layer over no keys, attention per key, the head, a K/V propagation into one layer. Read once, so
-    the decode loop only adds numbers."""
-    block = model.transformer.h[0]
-    return dict(layer=block.cost(0).flops, attn_per_key=block.attn.cost(1).flops - block.attn.cost(0).flops,
-                head=model.head_cost().flops, kv=weights_cost(block.attn.c_attn.weight[block.attn.n_embd:]).flops)
+def linear_flops(cost):
+    """(fixed, per key, span) of a cost(keys) -> model.Cost that grows linearly in the keys attended up to a
+    span (a local layer's window; unbounded for full attention), so the engines count FLOPs by arithmetic."""
+    c0, c1, far = cost(0).flops, cost(1).flops, cost(1e9).flops
+    return c0, c1 - c0, (far - c0) / (c1 - c0) if c1 > c0 else 0.0
+
+
+class FlopCounter:
+    """FLOPs the decode engines execute, from the modules' own costs read once: the trunk (run_trunk) and
+    each layer after it per token, an exit head, a K/V propagation into one layer."""
+
+    def __init__(self, model):
+        blocks = model.transformer.h
+        self.trunk = linear_flops(model.trunk_cost)
+        self.layer = [linear_flops(block.cost) for block in blocks]
+        self.head = model.head_cost().flops
+        self.kv = weights_cost(blocks[-1].attn.c_attn.weight[blocks[-1].attn.n_embd:]).flops
+        self.total = 0.0
+
+    def add(self, layers, keys, tokens=1, trunk=True):
+        """tokens tokens through the trunk (if trunk) and layers, each attending to about `keys` positions."""
+        parts = [self.layer[l] for l in layers] + ([self.trunk] if trunk else [])
+        self.total += tokens * sum(fixed + per_key * min(keys, span) for fixed, per_key, span in parts)
 
 
 class EarlyExitDecoder:
-    """Batch-1 early-exit decoding state: a KV cache and one step per token (also used by evaluate.py
-    to teacher-force text through exactly what generation runs)."""
+    """Early-exit decoding state of a batch: the KV caches and one step per token (also used by evaluate.py
+    to teacher-force text through exactly what generation runs). The trunk (the layers before an hourglass
+    and its shortened layers, run once per group) runs for every token; tokens exit in the layers after it.
+    The rows of a batch exit together, at the first exit layer where every row is confident, so that they
+    keep one cache length."""
 
-    def __init__(self, model, criterion=None, threshold=None):
+    def __init__(self, model, batch_size=1, criterion=None, threshold=None):
         c = model.config
-        self.model, self.blocks = model, list(model.transformer.h)
+        self.model, self.blocks, self.post = model, list(model.transformer.h), list(model.post)
         self.check = [CRITERIA[criterion or c.exit_criterion] if e else None for e in model.plan.exit]
         self.threshold = c.exit_threshold if threshold is None else threshold
-        self.cache = model.new_cache(1)
-        self.cost, self.flops = flop_costs(model), 0.0
+        self.cache = model.new_cache(batch_size)
+        self.flops = FlopCounter(model)
         self.depths, self.stepped, self.fallback = [], 0, 0  # layers run per call; step() calls; calls past block_size
         # per exit layer, the folded K/V weights of every layer after it (recomputed per decoder: weights may train)
         self.propagation = [folded_kv(self.blocks[l + 1:]) if e else None for l, e in enumerate(model.plan.exit)]
 
     def next_logits(self, idx):
-        """Logits (1, V) of the token after idx (1, T), for model.decode_tokens: one new token inside the
-        context goes through step(); a prompt of several tokens, and every step past block_size, run the
-        full model (GPT.next_logits), which counts as every layer run."""
-        inside = idx.size(1) <= self.model.config.block_size
-        if inside and idx.size(1) - self.cache[0].len == 1:
+        """Logits (B, V) of the token after idx (B, T), for model.decode_tokens: one new token goes through
+        step(); a prompt of several tokens, and every step past block_size of a model that does not stream,
+        run the full model (GPT.next_logits), which counts as every layer run."""
+        inside = self.model.streams or idx.size(1) <= self.model.config.block_size
+        if inside and idx.size(1) - self.cache[-1].len == 1:
             logits, depth = self.step(idx[:, -1:])
             self.stepped += 1
         else:
@@ -178,46 +197,63 @@ class EarlyExitDecoder:
         return logits
 
     def step(self, token):
-        """token (1, 1) at the next position -> (logits (1, V) for the token after it, layers run)."""
-        m, pos, cost = self.model, self.cache[0].len, self.cost
-        x = m.embed(token, pos)
-        for l, (block, check) in enumerate(zip(self.blocks, self.check)):
-            x_prev, x = x, block(x, self.cache[l])
-            self.flops += cost['layer'] + cost['attn_per_key'] * (pos + 1)
-            if check is None:
+        """token (B, 1) at the next position -> (logits (B, V) for the token after it, layers run)."""
+        m, pos = self.model, self.cache[-1].len  # the last cache counts every position in every layout
+        x = m.run_trunk(m.embed(token, pos), self.cache)
+        for l in self.post:
+            x_prev, x = x, self.blocks[l](x, self.cache[l])
+            if self.check[l] is None:
                 continue
-            confidence, logits = check(m, l, x, x_prev)
-            self.flops += cost['head']
-            if confidence.item() >= self.threshold:  # the one host sync of an exit layer
+            confidence, logits = self.check[l](m, l, x, x_prev)
+            if confidence.min().item() >= self.threshold:  # the one host sync of an exit layer
                 self.propagate(x, l)
+                self.count(l + 1, pos, checks=self.check[:l + 1])
                 return (exit_logits(m, x) if logits is None else logits)[:, -1], l + 1
-        self.flops += cost['head']
+        self.count(len(self.blocks), pos, checks=self.check)
         return exit_logits(m, x)[:, -1], len(self.blocks)
+
+    def count(self, depth, pos, checks):
+        ran = self.post[:self.post.index(depth - 1) + 1]
+        self.flops.add(ran, pos + 1)
+        self.flops.total += self.flops.head * (1 + sum(c is not None for c in checks)) + \
+            self.flops.kv * (len(self.blocks) - depth)
 
     def propagate(self, x, layer):
         """CALM's state propagation: the layers after `layer` are not run for this token, but later tokens
-        attend to it there, so their caches get K/V computed from the exit state x (1, 1, C)."""
+        attend to it there, so their caches get K/V computed from the exit state x (B, 1, C), each entering
+        its cache as that layer's own would (rotated, where it uses rotary positions)."""
         w, b = self.propagation[layer]
-        skipped = self.cache[layer + 1:]
-        attn = self.blocks[-1].attn
-        kv = F.linear(F.layer_norm(x, x.shape[-1:], eps=1e-5), w, b)  # (1, 1, skipped * 2C), LayerNorm's eps
-        kv = kv.view(len(skipped), 2, 1, attn.n_head, 1, attn.n_embd // attn.n_head)  # per layer, K and V (1, nh, 1, hs)
-        for cache, (k, v) in zip(skipped, kv):
-            cache.update(k, v)
-        self.flops += self.cost['kv'] * len(skipped)
+        skipped = self.blocks[layer + 1:]
+        attn = skipped[0].attn
+        kv = F.linear(F.layer_norm(x, x.shape[-1:], eps=1e-5), w, b)  # (B, 1, skipped * 2C), LayerNorm's eps
+        kv = kv.view(x.size(0), len(skipped), 2, attn.n_head, 1, attn.n_embd // attn.n_head)  # K, V (B, nh, 1, hs)
+        for i, block in enumerate(skipped, start=layer + 1):
+            block.attn.store(kv[:, i - layer - 1, 0], kv[:, i - layer - 1, 1], self.cache[i])
+
+
+def exit_reference(model, idx, depths):
+    """The oracle of EarlyExitDecoder: logits (B, T, V) of idx (B, T) when the token at position t leaves the
+    stack after depths[t] layers, by one forward over the whole sequence. A layer a token skips passes its
+    state through unchanged, so later tokens read K/V computed from its exit state there, which is what
+    state propagation writes into the caches."""
+    x = model.run_trunk(model.embed(idx), [None] * (len(model.transformer.h) + 1))
+    depth = torch.tensor(depths, device=idx.device)[None, :, None]  # (1, T, 1)
+    for l in model.post:
+        x = torch.where(depth > l, model.transformer.h[l](x), x)
+    return exit_logits(model, x)
 
 
 def stream_early_exit(model, idx, max_new_tokens, choose, stats, criterion=None, threshold=None):
-    """Yield each new token (1, 1) of idx (1, T) as it is chosen, with the number of layers that produced
+    """Yield each new token (B, 1) of idx (B, T) as it is chosen, with the number of layers that produced
     its distribution; fills stats at the end. The token loop is model.decode_tokens over the decoder.
     criterion and threshold override the config's decode-time settings."""
-    dec = EarlyExitDecoder(model, criterion, threshold)
+    dec = EarlyExitDecoder(model, idx.size(0), criterion, threshold)
     for token in decode_tokens(dec.next_logits, idx, max_new_tokens, choose):
         yield token, dec.depths[-1]
     depths = dec.depths
     stats.update(exit_layers=depths, mean_exit_layer=sum(depths) / max(1, len(depths)),
                  layers_run_fraction=sum(depths) / max(1, model.config.n_layer * len(depths)),
-                 fallback_tokens=dec.fallback, flops_per_token=dec.flops / max(1, dec.stepped))
+                 fallback_tokens=dec.fallback, flops_per_token=dec.flops.total / max(1, dec.stepped))
 
 
 def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats, criterion=None,
@@ -228,76 +264,84 @@ def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator,
 
 
 def greedy_accept(drafts, draft_logits, logits, temperature, top_k, generator):
-    """Keep the drafts the full model would have chosen, then its own choice at the first mismatch.
-    drafts (γ,), logits (γ, V) -> (accepted draft count, tokens to append (≤ γ,))"""
-    choice = logits.argmax(dim=-1)  # (γ,)
-    k = int((choice == drafts).cumprod(0).sum())
-    return k, torch.cat((drafts[:k], choice[k:k + 1]))
+    """Keep the drafts the full model would have chosen, then its own choice at the first mismatch, as far as
+    every row agrees. drafts (B, n), logits (B, n, V) -> (drafts kept, tokens to append (B, kept [+ 1]))"""
+    choice = logits.argmax(dim=-1)  # (B, n)
+    k = int((choice == drafts).cumprod(dim=1).sum(dim=1).min())
+    return k, torch.cat((drafts[:, :k], choice[:, k:k + 1]), dim=1)
 
 
 def rejection_accept(drafts, draft_logits, logits, temperature, top_k, generator):
-    """Speculative sampling (Leviathan et al. 2023): accept draft i with probability min(1, p_i/q_i),
-    at the first rejection draw from max(0, p - q) normalised; the tokens are then distributed exactly
-    as the full model's samples."""
-    q = token_probs(draft_logits, temperature, top_k)  # (γ, V) what the drafts were drawn from
-    p = token_probs(logits, temperature, top_k)  # (γ, V) the full model
-    i = torch.arange(drafts.numel(), device=drafts.device)
-    u = torch.rand(drafts.numel(), generator=generator, device=drafts.device)
-    k = int((u * q[i, drafts] < p[i, drafts]).cumprod(0).sum())
-    if k == drafts.numel():
+    """Speculative sampling (Leviathan et al. 2023), per row: accept draft i with probability min(1, p_i/q_i);
+    at the first rejection draw from max(0, p - q) normalised, so the tokens are distributed exactly as the
+    full model's samples. The batch keeps the drafts every row accepted; at the next position a row that
+    accepted further emits its (accepted, so exactly distributed) draft, the others their correction."""
+    q = token_probs(draft_logits, temperature, top_k)  # (B, n, V) what the drafts were drawn from
+    p = token_probs(logits, temperature, top_k)  # (B, n, V) the full model
+    q_d, p_d = q.gather(2, drafts[..., None])[..., 0], p.gather(2, drafts[..., None])[..., 0]  # (B, n)
+    u = torch.rand(drafts.shape, generator=generator, device=drafts.device)
+    accepted = (u * q_d < p_d).cumprod(dim=1).sum(dim=1)  # (B,)
+    k = int(accepted.min())
+    if k == drafts.size(1):
         return k, drafts
-    residual = (p[k] - q[k]).clamp(min=0)
-    residual = residual if residual.sum() > 0 else p[k]  # p == q: nothing to correct
-    return k, torch.cat((drafts[:k], torch.multinomial(residual, 1, generator=generator)))
+    residual = (p[:, k] - q[:, k]).clamp(min=0)  # (B, V)
+    residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p[:, k])  # p == q: nothing to correct
+    correction = torch.multinomial(residual, 1, generator=generator)[:, 0]  # (B,)
+    return k, torch.cat((drafts[:, :k], torch.where(accepted > k, drafts[:, k], correction)[:, None]), dim=1)
 
 
 def speculative_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats, draft_layers=None,
                        draft_tokens=None):
-    """draft_layers and draft_tokens override the config's spec_exit_layer and spec_draft_tokens."""
+    """Self-speculative decoding of a batch: draft with the trunk and the first layers after it, verify with
+    the rest in one pass, keep what the full model would have produced. draft_layers (counted from layer 0,
+    the trunk included) and draft_tokens override the config's spec_exit_layer and spec_draft_tokens."""
     c = model.config
     L, T, gamma = c.n_layer, c.block_size, draft_tokens or c.spec_draft_tokens
     E = draft_layers or c.spec_exit_layer or L // 2
-    blocks, cache, cost = model.transformer.h, model.new_cache(1), flop_costs(model)
+    if not model.post.start < E < L:
+        raise ValueError(f"draft_layers={E}: the draft must end after the trunk's {model.post.start} layers and "
+                         f"before the last of {L}")
+    blocks, drafting = model.transformer.h, range(model.post.start, E)
+    cache, flops = model.new_cache(idx.size(0), rollback=gamma), FlopCounter(model)
     accept = greedy_accept if temperature == 0 else rejection_accept
     # invariant: every layer's cache holds positions 0 .. idx.size(1) - 2; the last token is not yet fed
-    if 1 < idx.size(1) <= T:
+    if 1 < idx.size(1) and (model.streams or idx.size(1) <= T):
         model(idx[:, :-1], cache=cache)
     produced = drafted = accepted = passes = fallback = 0
-    flops = 0.0
     while produced < max_new_tokens:
         pos = idx.size(1) - 1  # position of the last token
-        n = min(gamma, T - pos, max_new_tokens - produced)
-        if n < 1:  # past block_size: the full model over the cropped context
+        n = min(gamma, max_new_tokens - produced, gamma if model.streams else T - pos)
+        if n < 1:  # past block_size of a model that does not stream: the full model over the cropped context
             logits = model.next_logits(idx, cache)
             idx = torch.cat((idx, sample_next(logits, temperature, top_k, generator)), dim=1)
             produced, fallback = produced + 1, fallback + 1
             continue
-        # draft n tokens with the first E layers; their cache entries are the full model's for those layers
+        # draft n tokens with the trunk and the drafting layers; their cache entries are the full model's
         token, states, drafts, draft_logits = idx[:, -1:], [], [], []
         for i in range(n):
-            x = model.embed(token, pos + i)
-            for l in range(E):
+            x = model.run_trunk(model.embed(token, pos + i), cache)
+            for l in drafting:
                 x = blocks[l](x, cache[l])
             states.append(x)
-            draft_logits.append(exit_logits(model, x)[0, -1])  # (V,)
-            token = sample_next(draft_logits[-1][None], temperature, top_k, generator)  # (1, 1)
-            drafts.append(token[0])
-        # verify: layers E.. over the n drafted positions at once, from the draft's hidden states
-        x = torch.cat(states, dim=1)  # (1, n, C)
+            draft_logits.append(exit_logits(model, x)[:, -1])  # (B, V)
+            token = sample_next(draft_logits[-1], temperature, top_k, generator)  # (B, 1)
+            drafts.append(token)
+        # verify: the layers after the draft over the n drafted positions at once, from the draft's states
+        x = torch.cat(states, dim=1)  # (B, n, C)
         for l in range(E, L):
             x = blocks[l](x, cache[l])
-        k, new = accept(torch.cat(drafts), torch.stack(draft_logits), exit_logits(model, x)[0], temperature, top_k,
-                        generator)
-        idx = torch.cat((idx, new[None]), dim=1)
-        for cache_l in cache:  # roll back what was computed for rejected drafts
-            cache_l.truncate(idx.size(1) - 1)
-        attn = cost['attn_per_key'] * n * (pos + (n + 1) / 2)  # keys seen by the n positions, per layer
-        flops += n * (L * cost['layer'] + 2 * cost['head']) + L * attn
-        produced, drafted, accepted, passes = produced + new.numel(), drafted + n, accepted + k, passes + 1
+        k, new = accept(torch.cat(drafts, dim=1), torch.stack(draft_logits, dim=1), exit_logits(model, x), temperature,
+                        top_k, generator)
+        idx = torch.cat((idx, new), dim=1)
+        model.truncate_cache(cache, idx.size(1) - 1)  # roll back what was computed for rejected drafts
+        flops.add(drafting, pos + (n + 1) / 2, tokens=n)
+        flops.add(range(E, L), pos + (n + 1) / 2, tokens=n, trunk=False)
+        flops.total += 2 * n * flops.head
+        produced, drafted, accepted, passes = produced + new.size(1), drafted + n, accepted + k, passes + 1
     stats.update(drafted=drafted, accepted=accepted, verify_passes=passes, fallback_tokens=fallback,
                  acceptance_rate=accepted / max(1, drafted),
                  tokens_per_pass=(produced - fallback) / max(1, passes),
-                 flops_per_token=flops / max(1, produced - fallback))
+                 flops_per_token=flops.total / max(1, produced - fallback))
     return idx
 
 

@@ -104,9 +104,9 @@ def decode_consistent_loss(model, data, block_size, max_windows, criterion=None,
     total, depth, flops, count = 0.0, 0, 0.0, 0
     exits = [0] * model.config.n_layer  # tokens answered after 1, 2, .. n_layer layers
     for x, y in window_batches(data, block_size, 1, max_windows, device):
-        dec = EarlyExitDecoder(model, criterion, threshold)
+        dec = EarlyExitDecoder(model, criterion=criterion, threshold=threshold)
         total += teacher_forced(dec.next_logits, x, y)
-        depth, flops, count = depth + sum(dec.depths), flops + dec.flops, count + block_size
+        depth, flops, count = depth + sum(dec.depths), flops + dec.flops.total, count + block_size
         for n in dec.depths:
             exits[n - 1] += 1
     model.train(was_training)

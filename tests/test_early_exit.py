@@ -60,6 +60,10 @@ def test_config_conflicts_are_clear_errors():
                        ({'layer_dropout': 1.0}, 'layer_dropout'), ({'spec_exit_layer': 9}, 'spec_exit_layer')):
         with pytest.raises(ValueError, match=words):
             EfficientGPTConfig(n_layer=4, enable_early_exit=True, **bad)
+    # with an hourglass a token exits only after it: here only the last layer is, so nothing could exit
+    with pytest.raises(ValueError, match='after the hourglass'):
+        EfficientGPTConfig(n_layer=4, enable_early_exit=True, enable_hierarchical=True, hierarchy_layers='1,2')
+    assert EfficientGPTConfig(n_layer=4, enable_early_exit=True, enable_hierarchical=True, hierarchy_layers='1')
 
 
 def test_threshold_above_one_is_the_full_model(tiny_args):
