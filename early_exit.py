@@ -70,6 +70,16 @@ def exit_features(x, logits):
     return torch.cat([F.layer_norm(x, x.shape[-1:]), top2], dim=-1)
 
 
+# The exit losses' weight over training, a factor of early_exit_loss_weight by the fraction of training done:
+# exits trained all along pull the trunk away from the last layer's own loss; later or fading ones pull less.
+SCHEDULES = {
+    'constant': lambda progress: 1.0,
+    'decay': lambda progress: 1.0 - progress,  # full weight first, none at the end: the last layer settles
+    'late': lambda progress: float(progress >= 0.7),  # the trunk trains for the last layer, then the exits learn it
+    'rise': lambda progress: progress,  # LayerSkip's curriculum: exits weigh more as the model matures
+}
+
+
 class ExitHeads(nn.Module):
     """The early-exit loss and the learned exit classifiers, one per exit layer."""
 
@@ -79,6 +89,10 @@ class ExitHeads(nn.Module):
         depth = sum(l + 1 for l in exits)
         self.weights = {l: config.early_exit_loss_weight * (l + 1) / depth for l in exits}
         self.classifiers = nn.ModuleDict({str(l): nn.Linear(config.n_embd + 2, 1) for l in exits})
+        self.schedule, self.factor = SCHEDULES[config.exit_loss_schedule], SCHEDULES[config.exit_loss_schedule](0.0)
+
+    def set_progress(self, fraction):
+        self.factor = self.schedule(fraction)
 
     def losses(self, model, targets, logits):
         """{name: (weight, value)}: per exit, its cross-entropy and its classifier's loss."""
@@ -90,7 +104,7 @@ class ExitHeads(nn.Module):
             point = model.transformer.h[l].exit
             x, point.state = point.state, None
             logits_l = exit_logits(model, x)  # (B, T, V)
-            aux[f'exit{l + 1}_ce'] = (w, F.cross_entropy(logits_l.flatten(0, 1), targets.flatten(), ignore_index=-1))
+            aux[f'exit{l + 1}_ce'] = (w * self.factor, F.cross_entropy(logits_l.flatten(0, 1), targets.flatten(), ignore_index=-1))
             # the classifier learns from detached features: it never changes what the model predicts
             score = self.classifiers[str(l)](exit_features(x, logits_l).detach()).squeeze(-1)  # (B, T)
             agree = (logits_l.argmax(dim=-1) == final_choice).float()
@@ -291,10 +305,12 @@ def rejection_accept(drafts, draft_logits, logits, temperature, top_k, generator
 
 
 def speculative_decode(model, idx, max_new_tokens, temperature, top_k, generator, stats, draft_layers=None,
-                       draft_tokens=None):
+                       draft_tokens=None, draft_confidence=0.0):
     """Self-speculative decoding of a batch: draft with the trunk and the first layers after it, verify with
     the rest in one pass, keep what the full model would have produced. draft_layers (counted from layer 0,
-    the trunk included) and draft_tokens override the config's spec_exit_layer and spec_draft_tokens."""
+    the trunk included) and draft_tokens override the config's spec_exit_layer and spec_draft_tokens.
+    draft_confidence: stop drafting early when the draft's top probability falls below it (Kangaroo): a
+    token the draft is unsure of is likely rejected, and every draft after it with it."""
     c = model.config
     L, T, gamma = c.n_layer, c.block_size, draft_tokens or c.spec_draft_tokens
     E = draft_layers or c.spec_exit_layer or L // 2
@@ -326,6 +342,9 @@ def speculative_decode(model, idx, max_new_tokens, temperature, top_k, generator
             draft_logits.append(exit_logits(model, x)[:, -1])  # (B, V)
             token = sample_next(draft_logits[-1], temperature, top_k, generator)  # (B, 1)
             drafts.append(token)
+            if draft_confidence and draft_logits[-1].softmax(dim=-1).amax(dim=-1).min().item() < draft_confidence:
+                break
+        n = len(drafts)
         # verify: the layers after the draft over the n drafted positions at once, from the draft's states
         x = torch.cat(states, dim=1)  # (B, n, C)
         for l in range(E, L):
