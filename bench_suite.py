@@ -37,6 +37,7 @@ MODELS = {
     'topk': ([BASE, 'config/train_bench_topk_cpu.py'], {}),
     'moe': ([BASE, 'config/train_bench_moe_cpu.py'], {}),
     'act': ([BASE, 'config/bench_act.py'], {}),
+    'mod': ([BASE, 'config/bench_mod.py'], {}),
     'local_rope': ([BASE, 'config/train_bench_local.py'], {}),
     'hourglass': ([BASE, 'config/bench_hourglass_k4.py'], {}),
     'efficient_gpt': (['config/train_efficient_gpt.py'], {}),

@@ -7,18 +7,21 @@ slots once in __init__ from the layer plan (model_efficient.LayerPlan):
     CACHE[attn kind](config, batch_size, max_len, device, dtype, rollback) -> the KV cache attention reads
 
 cost() is the model.Cost (FLOPs, weight bytes) one token executes on the path forward runs now, which the
-model sums into its decode cost.
+model sums into its decode cost. The 'routed' attention kinds belong to Mixture-of-Depths layers: their
+forward(x, route) always gets a route (the tokens' positions and the keys they read) from MixtureOfDepths.
 
 A module that adds a training loss stores it in `self.aux = {name: (weight, value)}` during forward;
 EfficientGPT.aux_losses() gathers them and the training script adds Σ weight·value to the LM loss.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from local_attention import LocalSelfAttention, RollingKVCache, RotarySelfAttention
-from model import MLP, CausalSelfAttention, KVCache, block_cost, module_cost, weights_cost
+from local_attention import LocalSelfAttention, RollingKVCache, Rotary, RotarySelfAttention
+from model import MLP, CausalSelfAttention, KVCache, attend, block_cost, module_cost, weights_cost
 
 
 class TopKMLP(MLP):
@@ -181,11 +184,117 @@ class MoEMLP(nn.Module):
         return [n / max(1, sum(self.expert_tokens)) for n in self.expert_tokens]
 
 
+class Tokens:
+    """The tokens a routed layer runs, without a cache (training and the reference path): their absolute
+    positions (B, n), in text order, so that causal attention among them is causal in the text; or an int p when
+    every token runs (positions p, p+1, ...)."""
+
+    def __init__(self, positions):
+        self.positions = positions
+
+    def update(self, k, v):
+        return k, v, None
+
+
+class RoutedSelfAttention(CausalSelfAttention):
+    """Full causal attention among the tokens a Mixture-of-Depths router sent through its layer. route (Tokens, or
+    the layer's RoutedKVCache at decode) gives their absolute positions, where rotary positions turn q and k, and
+    the keys they read: earlier routed tokens only. Same parameters as the baseline's attention."""
+
+    def __init__(self, config, rope):
+        super().__init__(config)
+        self.rotary = Rotary(config.n_embd // config.n_head, config.rope_base, config.block_size) if rope else None
+
+    def forward(self, x, route):
+        B, T, C = x.size()
+        q, k, v = map(self.heads, self.c_attn(x).split(self.n_embd, dim=2))  # (B, nh, T, hs)
+        if self.rotary is not None:
+            p = route.positions
+            q, k = self.rotary(q, k, p) if isinstance(p, int) else rotate_at(self.rotary, q, k, p)
+        k, v, mask = route.update(k, v)  # (B, nh, S, hs); mask (B, 1, T, S) when the rows hold different counts
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y = attend(q, k, v, dropout_p) if mask is None else \
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def rotate_at(rotary, q, k, positions):
+    """q, k (B, nh, T, hs) rotated by their absolute positions (B, T), which need not be consecutive (the
+    Rotary module's formula, read from its tables)."""
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)  # (B, 1, T, hs)
+    qk = torch.cat([q, k], dim=1)  # (B, 2·nh, T, hs)
+    x1, x2 = qk.chunk(2, dim=-1)
+    qk = qk * cos + torch.cat([x2, x1], dim=-1) * sin
+    return qk.type_as(q).split(q.size(1), dim=1)
+
+
+class RoutedKVCache:
+    """The KV cache of a routed layer: keys and values of only the tokens that went through it, packed per row
+    (row b holds its routed tokens in text order), so a skipped token writes nothing and later tokens attend
+    only to routed ones. len counts every position seen, routed or not (the model reads positions from it);
+    routed[b][t] is how many of row b's first t positions went through, so truncate(n) is exact."""
+
+    def __init__(self, batch_size, n_head, max_len, head_size, device=None, dtype=None):
+        shape = (batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.reset()
+
+    def reset(self):
+        self.routed = [[0] for _ in range(self.k.size(0))]
+        self.len = 0
+        self.positions = None  # of the tokens running now (select): (B, n), or an int when all run
+
+    def select(self, offsets):
+        """The tokens at offsets (B, n) of the next positions are about to run, or all of them (offsets None).
+        Returns self, their route."""
+        self.positions = self.len if offsets is None else self.len + offsets
+        return self
+
+    def update(self, k, v):
+        """Append the running tokens' k, v (B, nh, n, hs) after each row's routed tokens; returns what attention
+        reads (B, nh, S, hs) and, when the rows hold different counts, the (B, 1, n, S) mask of each row's keys.
+        Rows with fewer tokens running than n write their padding past their end, where nothing reads it."""
+        B, n = k.size(0), k.size(2)
+        held = [r[-1] for r in self.routed]
+        if held.count(held[0]) == B:  # every row holds as many: causal attention over the first held + n slots
+            S = held[0] + n
+            self.k[:, :, held[0]:S], self.v[:, :, held[0]:S] = k, v
+            return self.k[:, :, :S], self.v[:, :, :S], None
+        slots = torch.tensor(held, device=k.device)[:, None] + torch.arange(n, device=k.device)  # (B, n)
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.k[rows, :, slots], self.v[rows, :, slots] = k.transpose(1, 2), v.transpose(1, 2)  # (B, n, nh, hs)
+        S = max(held) + n
+        mask = torch.arange(S, device=k.device) <= slots[..., None]  # (B, n, S): a row's keys up to the query's own
+        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None]
+
+    def advance(self, chosen):
+        """Record the next positions: chosen[b] lists, for each, whether row b's token went through."""
+        for r, went in zip(self.routed, chosen):
+            for g in went:
+                r.append(r[-1] + g)
+        self.len += len(chosen[0])
+
+    def truncate(self, n):
+        """Forget every position from n on (speculative rollback): each row keeps its routed tokens before n."""
+        for r in self.routed:
+            del r[n + 1:]
+        self.len = min(self.len, n)
+
+    @property
+    def nbytes(self):
+        """Bytes of the keys and values held (the routed tokens only)."""
+        return 2 * sum(r[-1] for r in self.routed) * self.k[0, :, :1].nelement() * self.k.element_size()
+
+
 ATTN = {
     'full': CausalSelfAttention,
     'full_rope': RotarySelfAttention,
     'local': lambda config: LocalSelfAttention(config, rope=False),
     'local_rope': lambda config: LocalSelfAttention(config, rope=True),
+    'routed': lambda config: RoutedSelfAttention(config, rope=False),  # a Mixture-of-Depths layer's
+    'routed_rope': lambda config: RoutedSelfAttention(config, rope=True),
 }
 
 
@@ -198,7 +307,12 @@ def rolling_cache(c, batch_size, max_len, device, dtype, rollback):  # w (+ sink
                           c.attention_sinks, rollback, device, dtype)
 
 
-CACHE = {'full': full_cache, 'full_rope': full_cache, 'local': rolling_cache, 'local_rope': rolling_cache}
+def routed_cache(c, batch_size, max_len, device, dtype, rollback):
+    return RoutedKVCache(batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype)
+
+
+CACHE = {'full': full_cache, 'full_rope': full_cache, 'local': rolling_cache, 'local_rope': rolling_cache,
+         'routed': routed_cache, 'routed_rope': routed_cache}
 
 FFN = {'dense': MLP, 'topk': TopKMLP, 'moe': MoEMLP}
 
@@ -301,3 +415,114 @@ def append_kv(attn, x, cache):
     the queries or the attention itself (state propagation for skipped steps)."""
     _, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
     cache.update(attn.heads(k), attn.heads(v))
+
+
+class MixtureOfDepths(nn.Module):
+    """Mixture-of-Depths (Raposo et al. 2024) around one block: a router (a Linear C -> 1) scores every token and only
+    the tokens it picks run the block; the others pass on the residual stream unchanged. A token that runs gets
+    x + w·(block(x) - x): its update scaled by its router weight w = sigmoid(logit), through which the router
+    learns from the LM loss.
+
+    Training runs the top mod_capacity fraction of each sequence's tokens (fixed shapes: gather, block, scatter;
+    attention among them in text order, rotary positions at their own positions). Top-k looks at the whole
+    sequence, which decode cannot, so the router's sigmoid is also trained (a BCE aux loss) to predict top-k
+    membership, and outside training a token runs when sigmoid(logit) > 0.5, decided from the token alone: the
+    uncached reference path and the cached decode route alike, and a skipped token writes no K/V
+    (RoutedKVCache). With capacity 1 every token runs, in every mode."""
+
+    def __init__(self, block, config):
+        super().__init__()
+        self.block = block
+        self.router = nn.Linear(config.n_embd, 1)
+        self.capacity = config.mod_capacity
+        self.router_loss_weight = config.mod_router_loss_weight
+        self.topk_in_eval = False  # outside training, route by top-k as training does (set_mod_routing)
+        self.aux = {}
+        self._chosen = self.logits = None  # (B, T): which tokens ran the block (see chosen), the router logits
+        self.reset_counts()
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        topk = self.training or self.topk_in_eval
+        if cache is not None and B * T == 1 and self.capacity < 1:
+            return self.decode_one(x, cache)
+        logits = self.router(x).squeeze(-1)  # (B, T)
+        k = T if self.capacity >= 1 else math.ceil(self.capacity * T) if topk else None
+        if k == T:  # every token runs
+            chosen, idx, counts = torch.ones_like(logits, dtype=torch.bool), None, [T] * B
+        elif topk:
+            assert cache is None, "top-k routing reads the whole sequence: it has no cached decode"
+            idx = logits.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values  # (B, k) in text order
+            chosen, counts = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True), [k] * B
+        else:  # sigmoid(logit) > 0.5: each row's chosen tokens first, in text order, then the others as padding
+            chosen = logits > 0
+            counts = chosen.sum(dim=1).tolist()
+            idx = None if min(counts) == T else \
+                torch.sort((~chosen).to(torch.int8), dim=1, stable=True).indices[:, :max(counts)]  # (B, n)
+        y = self.run(x, logits, idx, counts, cache) if max(counts) else x
+        if cache is not None:
+            cache.advance(chosen.tolist())
+        if self.training:
+            self.aux = {'mod_router': (self.router_loss_weight,
+                                       F.binary_cross_entropy_with_logits(logits, chosen.to(logits.dtype)))}
+        else:
+            self.aux = {}
+            self.tokens_run, self.positions_seen = self.tokens_run + sum(counts), self.positions_seen + B * T
+        self._chosen, self.logits = chosen, logits.detach()
+        return y
+
+    @property
+    def chosen(self):
+        """(B, T) bool: which tokens ran the block in the last forward."""
+        return self.logits > 0 if self._chosen is None else self._chosen
+
+    def run(self, x, logits, idx, counts, cache):
+        """The block over the chosen tokens of x (B, T, C): all of them (idx None), or those at idx (B, n), where a
+        row with fewer chosen tokens than n pads with unchosen ones (they run, and their rows are written back
+        unchanged: their weight is 0). Returns x with the chosen tokens' updates, x + w·(block(x) - x)."""
+        if idx is None:
+            xs, w, at = x, torch.sigmoid(logits), None
+        else:
+            at = idx[..., None].expand(-1, -1, x.size(2))
+            xs, w = x.gather(1, at), torch.sigmoid(logits.gather(1, idx))  # (B, n, C), (B, n)
+            if min(counts) < idx.size(1):
+                w = w * (torch.arange(idx.size(1), device=x.device) < torch.tensor(counts, device=x.device)[:, None])
+        route = Tokens(0 if idx is None else idx) if cache is None else cache.select(idx)
+        y = torch.lerp(xs, self.block(xs, route), w[..., None].to(xs.dtype))
+        return y if idx is None else x.scatter(1, at, y)
+
+    def decode_one(self, x, cache):
+        """One token of a cached decode (x: (1, 1, C)): the router's logit on the host decides, and a skipped token
+        costs the router alone."""
+        logits = self.router(x)  # (1, 1, 1)
+        went = logits.item() > 0
+        self._chosen, self.logits = None, logits.detach().view(1, 1)
+        self.tokens_run, self.positions_seen = self.tokens_run + went, self.positions_seen + 1
+        y = torch.lerp(x, self.block(x, cache.select(None)), torch.sigmoid(logits)) if went else x
+        cache.advance([[went]])
+        return y
+
+    def new_cache(self, make_cache, max_len):
+        return self.block.new_cache(make_cache, max_len)
+
+    def reset_counts(self):
+        self.tokens_run, self.positions_seen = 0, 0  # tokens that ran the block, and positions seen, in eval
+
+    def fraction_run(self):
+        """Fraction of the positions seen in eval since reset_counts() whose token ran the block; None before any."""
+        return self.tokens_run / self.positions_seen if self.positions_seen else None
+
+    def cost(self, keys):
+        """The router, then the block for the measured fraction f of tokens (fraction_run(); the capacity before
+        any was counted), attending to the f·keys routed tokens its cache holds."""
+        f = self.fraction_run()
+        f = self.capacity if f is None else f
+        return module_cost(self.router) + self.block.cost(keys * f) * f
+
+
+def set_mod_routing(model, topk):
+    """Route every MixtureOfDepths layer of model outside training by top-k over the sequence (True: training's
+    semantics, with no cached decode) or by the causal sigmoid(logit) > 0.5 decision (False, the default)."""
+    for m in model.modules():
+        if isinstance(m, MixtureOfDepths):
+            m.topk_in_eval = topk

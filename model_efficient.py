@@ -4,12 +4,12 @@ Every mechanism is off by default, and with all of them off EfficientGPT compute
 computes with the same weights (the parameter names are the same, so state dicts load either way).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import InitVar, dataclass, replace
 
 import torch.nn as nn
 
 from early_exit import CRITERIA, DECODE, ExitHeads, ExitPoint, keep_output, no_losses
-from efficient_modules import ATTN, CACHE, FFN, Ponder
+from efficient_modules import ATTN, CACHE, FFN, MixtureOfDepths, Ponder
 from hierarchical_modules import Hourglass, HourglassState, groups_closed
 from model import GPT, GPTConfig, LayerNorm, block_cost, decoding, module_cost
 
@@ -43,12 +43,18 @@ class EfficientGPTConfig(GPTConfig):
     enable_hierarchical: bool = False
     hierarchy_factor: int = 2  # k: the shortened layers see one position per k tokens
     hierarchy_layers: str = 'none'  # the shortened layers, a contiguous run before the last layer, e.g. '1,2,3,4'
-    # adaptive computation time (efficient_modules.Ponder)
-    enable_adaptive_compute: bool = False
+    # adaptive depth: 'none', 'act' (adaptive computation time, efficient_modules.Ponder) or 'mod' (Mixture-of-Depths,
+    # efficient_modules.MixtureOfDepths)
+    adaptive_compute: str = 'none'
     max_pondering_steps: int = 3  # N: a pondering layer runs its block at most this many times per token
     ponder_cost: float = 0.01  # tau: weight of the ponder cost N + R in the loss
     act_layers: str = 'none'  # which layers ponder (a pattern, see expand_layers)
     act_epsilon: float = 0.01  # a token halts once its halting probabilities sum to 1 - act_epsilon
+    mod_capacity: float = 0.5  # MoD: fraction of each sequence's tokens a routed layer runs in training (top-k)
+    mod_layers: str = 'every:2'  # MoD: the routed layers (a pattern, see expand_layers)
+    mod_router_loss_weight: float = 0.1  # MoD: weight of the router's BCE towards top-k membership (the decode predictor)
+    # checkpoints written before adaptive_compute carry this flag: True builds ACT
+    enable_adaptive_compute: InitVar[bool] = None
 
     # sparse activation: top-k MLP (efficient_modules.TopKMLP)
     enable_sparse_activation: bool = False
@@ -62,9 +68,12 @@ class EfficientGPTConfig(GPTConfig):
     router_z_loss_weight: float = 0.001  # ST-MoE z-loss: mean logsumexp(router logits)^2
     moe_layers: str = 'all'  # which layers are MoE MLPs
 
-    def __post_init__(self):
+    def __post_init__(self, enable_adaptive_compute=None):
+        if enable_adaptive_compute and self.adaptive_compute == 'none':
+            self.adaptive_compute = 'act'
         self.check_local_attention()
         self.check_hierarchy_and_act()
+        self.check_mixture_of_depths()
         self.check_sparse_and_routing()
         if self.enable_early_exit:
             if self.exit_criterion not in CRITERIA:
@@ -109,12 +118,32 @@ class EfficientGPTConfig(GPTConfig):
         if self.ponder_cost < 0 or not 0 <= self.act_epsilon < 1:
             raise ValueError("ponder_cost must be >= 0 and act_epsilon in [0, 1)")
         expand_layers(self.act_layers, self.n_layer)  # a bad pattern fails here, not at build time
-        if self.enable_early_exit and (self.enable_hierarchical or self.enable_adaptive_compute):
-            raise ValueError("enable_early_exit does not combine with enable_hierarchical or enable_adaptive_compute "
+        if self.enable_early_exit and (self.enable_hierarchical or self.adaptive_compute == 'act'):
+            raise ValueError("enable_early_exit does not combine with enable_hierarchical or ACT "
                              "yet: the early-exit decode engines run the layers one by one at full resolution")
         if self.enable_early_exit and (self.enable_local_attention or self.pos_emb == 'rope'):
             raise ValueError("enable_early_exit does not combine with local attention or rope yet: its K/V propagation "
                              "writes plain full caches without rotary positions")
+
+    def check_mixture_of_depths(self):
+        if self.adaptive_compute not in ('none', 'act', 'mod'):
+            raise ValueError(f"adaptive_compute must be 'none', 'act' or 'mod', not {self.adaptive_compute!r}")
+        if not 0 < self.mod_capacity <= 1 or self.mod_router_loss_weight < 0:
+            raise ValueError(f"mod_capacity must be in (0, 1] and mod_router_loss_weight >= 0, not {self.mod_capacity} "
+                             f"and {self.mod_router_loss_weight}")
+        routed = expand_layers(self.mod_layers, self.n_layer)  # a bad pattern fails here, not at build time
+        if self.adaptive_compute != 'mod':
+            return
+        if not any(routed):
+            raise ValueError(f"mod_layers {self.mod_layers!r} names no layer of {self.n_layer}: nothing is routed")
+        if self.enable_early_exit:
+            raise ValueError("adaptive_compute='mod' does not combine with enable_early_exit: both decide per token which "
+                             "layers run, and an exiting token's K/V would enter caches that hold only routed tokens")
+        full = expand_layers(self.global_layers, self.n_layer) if self.enable_local_attention else (True,) * self.n_layer
+        local = [i for i in range(self.n_layer) if routed[i] and not full[i]]
+        if local:
+            raise ValueError(f"routed layers {local} are local-attention layers: a routed layer attends to the tokens "
+                             f"that went through it, not to a window of positions; name them in global_layers")
 
     def check_sparse_and_routing(self):
         if not 0 < self.sparsity_ratio <= 1:
@@ -172,6 +201,7 @@ class LayerPlan:
     exit: tuple  # True where a token may leave the stack early (never the last layer)
     shortened: tuple  # True: the layer runs inside the hourglass at 1/hierarchy_factor resolution
     ponder: tuple  # True: the layer is an ACT pondering block
+    route: tuple  # True: the layer is a Mixture-of-Depths routed block (its attention is of kind 'routed')
 
     @classmethod
     def from_config(cls, config):
@@ -179,14 +209,16 @@ class LayerPlan:
         off = (False,) * L
         full = expand_layers(config.global_layers, L) if config.enable_local_attention else (True,) * L
         positions = '_rope' if config.pos_emb == 'rope' else ''
-        attn = tuple(('full' if is_full else 'local') + positions for is_full in full)
+        route = expand_layers(config.mod_layers, L) if config.adaptive_compute == 'mod' else off
+        attn = tuple(('routed' if routed else 'full' if is_full else 'local') + positions
+                     for is_full, routed in zip(full, route))
         exits = expand_layers(config.exit_layers, L)[:-1] + (False,) if config.enable_early_exit else off
         shortened = expand_layers(config.hierarchy_layers, L) if config.enable_hierarchical else off
-        ponder = expand_layers(config.act_layers, L) if config.enable_adaptive_compute else off
+        ponder = expand_layers(config.act_layers, L) if config.adaptive_compute == 'act' else off
         sparse = expand_layers(config.sparse_layers, L) if config.enable_sparse_activation else off
         moe = expand_layers(config.moe_layers, L) if config.enable_dynamic_routing else off
         ffn = tuple('moe' if moe[i] else 'topk' if sparse[i] else 'dense' for i in range(L))
-        return cls(attn=attn, ffn=ffn, exit=exits, shortened=shortened, ponder=ponder)
+        return cls(attn=attn, ffn=ffn, exit=exits, shortened=shortened, ponder=ponder, route=route)
 
     def runs(self):
         """(pre, shortened, post) layer ranges: everything is 'pre' without an hourglass."""
@@ -257,6 +289,8 @@ class EfficientGPT(GPT):
 
     def make_block(self, layer):
         block = EfficientBlock(self.layer_config(layer), self.plan, layer)
+        if self.plan.route[layer]:
+            return MixtureOfDepths(block, self.config)
         return Ponder(block, self.config) if self.plan.ponder[layer] else block
 
     def layer_config(self, layer):

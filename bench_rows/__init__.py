@@ -3,6 +3,6 @@ bench.py's rows, each beside what it measures: one module per mechanism, each wi
 functions (see protocol.py for what a row is). bench.py adds the generic rows and runs them in order.
 """
 
-from bench_rows import early_exit, hourglass, local, sparse
+from bench_rows import early_exit, hourglass, local, mod, sparse
 
-MECHANISM_ROWS = (*early_exit.ROWS, *hourglass.ROWS, *sparse.ROWS, *local.ROWS)
+MECHANISM_ROWS = (*early_exit.ROWS, *hourglass.ROWS, *mod.ROWS, *sparse.ROWS, *local.ROWS)

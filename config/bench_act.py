@@ -5,7 +5,7 @@
 # $ python train_efficient.py config/train_bench_cpu.py config/bench_act.py
 out_dir = 'out-bench-act'
 model_type = 'efficient'
-enable_adaptive_compute = True
+adaptive_compute = 'act'
 act_layers = '3'
 max_pondering_steps = 3
 ponder_cost = 0.01

@@ -6,7 +6,7 @@ from model_efficient import EfficientGPT, EfficientGPTConfig
 from test_train import tiny_data, train  # noqa: F401 (fixture)
 
 HOURGLASS = dict(enable_hierarchical=True, hierarchy_factor=3, hierarchy_layers='1,2')
-ACT = dict(enable_adaptive_compute=True, max_pondering_steps=3, act_layers='1,2', act_epsilon=0.05)
+ACT = dict(adaptive_compute='act', max_pondering_steps=3, act_layers='1,2', act_epsilon=0.05)
 
 
 def make(tiny_args, seed=0, **keys):
@@ -183,7 +183,7 @@ def test_ddp_trains_hourglass_and_act(tmp_path, tiny_data):  # noqa: F811
     launcher = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
     train(tmp_path / 'out', tiny_data, '--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2',
           '--model_type=efficient', '--n_layer=3', '--enable_hierarchical=True', '--hierarchy_layers=1',
-          '--enable_adaptive_compute=True', '--act_layers=1', launcher=launcher)
+          '--adaptive_compute=act', '--act_layers=1', launcher=launcher)
 
 
 @pytest.mark.parametrize('name', ['act', 'hourglass'])
