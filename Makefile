@@ -14,9 +14,12 @@ $(VENV)/installed: pyproject.toml
 	touch $@
 
 # Train the small character model on Tiny Shakespeare (a few minutes on a laptop CPU) and print a sample.
-demo: $(VENV)/installed
-	$(PY) train_efficient.py config/train_shakespeare_char_cpu.py
+# Trains once: a second `make demo` samples from the checkpoint it has.
+demo: out-shakespeare-char-cpu/ckpt.pt $(VENV)/installed
 	$(PY) sample.py --out_dir=out-shakespeare-char-cpu --num_samples=1 --max_new_tokens=500
+
+out-shakespeare-char-cpu/ckpt.pt: | $(VENV)/installed
+	$(PY) train_efficient.py config/train_shakespeare_char_cpu.py
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q

@@ -85,7 +85,7 @@ def run(method, cmd, out_dir, n_stages, rerun):
         print(f"[{method}] {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         with open(os.path.join(out_dir, 'train.log'), 'w') as log:
-            r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+            r = subprocess.run(cmd + ['--overwrite=True'], stdout=log, stderr=subprocess.STDOUT)  # a stale run
         if r.returncode != 0:
             with open(os.path.join(out_dir, 'train.log')) as log:
                 last = (log.read().strip().splitlines() or [''])[-1]

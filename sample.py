@@ -17,7 +17,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_device, pick_dtype
 from configurator import configure_or_exit, describe
-from early_exit import stream_early_exit
+from early_exit import CRITERIA, stream_early_exit
 from model import decode_tokens, sample_next
 from tokenizer import load_tokenizer
 
@@ -33,14 +33,31 @@ DEFAULTS = dict(
     device='auto',  # cpu, cuda, cuda:1, mps, or auto: cuda, then mps, then cpu
     dtype='auto',  # auto: bfloat16 autocast on a GPU that supports it, float16 on older GPUs, else float32
     compile=False,  # torch.compile the model
-    show_compute=False,  # early-exit checkpoints: mark each character by the layer it exited at
+    decode='full',  # 'full', or with an early-exit checkpoint 'early_exit' (lossy) or 'speculative' (exact)
+    exit_criterion=None,  # early_exit: max_prob | margin | saturation | learned; None: the checkpoint's
+    exit_threshold=None,  # early_exit: exit when the criterion's confidence >= this; None: the checkpoint's
+    draft_layers=None,  # speculative: layers that draft (the trunk included); None: the checkpoint's
+    draft_tokens=None,  # speculative: tokens drafted per verification; None: the checkpoint's
+    draft_confidence=0.0,  # speculative: stop drafting when the draft's top probability falls below this
+    show_compute=False,  # early-exit checkpoints: decode with early exit, each character marked by its exit layer
     interactive=False,  # read prompts from the terminal, one continuation each, until Ctrl-D
     data_root=os.path.join(REPO, 'data'),  # where a nanoGPT checkpoint finds <dataset>/meta.pkl
 )
 
 
+# each decode engine's policy: generate()'s keyword -> this script's key
+POLICY = {'full': {}, 'early_exit': {'criterion': 'exit_criterion', 'threshold': 'exit_threshold'},
+          'speculative': {k: k for k in ('draft_layers', 'draft_tokens', 'draft_confidence')}}
+
+
 def check_settings(cfg):
     """Every value that would otherwise fail inside torch (or print garbage) is named before any work."""
+    if cfg['decode'] not in POLICY:
+        fail(f"--decode must be one of {', '.join(POLICY)}, not {cfg['decode']!r}")
+    if cfg['show_compute']:
+        cfg['decode'] = 'early_exit'
+    if cfg['exit_criterion'] is not None and cfg['exit_criterion'] not in CRITERIA:
+        fail(f"--exit_criterion must be one of {', '.join(CRITERIA)}, not {cfg['exit_criterion']!r}")
     t = cfg['temperature']
     if not (t == 0 or 1e-3 <= t < float('inf')):
         fail(f"--temperature must be 0 (greedy) or a finite number >= 0.001, not {t}")
@@ -131,12 +148,22 @@ def continue_text(model, tok, start, cfg, colour):
         fail("--start is empty: the model needs at least one token to continue")
     idx = torch.tensor([start_ids], dtype=torch.long, device=model.lm_head.weight.device)  # (1, T)
     choose = sampler(cfg['temperature'], cfg['top_k'], tok.vocab_size)
-    if cfg['show_compute']:
+    policy = {name: cfg[key] for name, key in POLICY[cfg['decode']].items() if cfg[key] is not None}
+    if cfg['decode'] == 'early_exit':
         with torch.inference_mode():
             stats = {}
-            show_compute(tok, start, stream_early_exit(model, idx, cfg['max_new_tokens'], choose, stats),
-                         model.config.n_layer, colour)
+            steps = stream_early_exit(model, idx, cfg['max_new_tokens'], choose, stats, **policy)
+            if cfg['show_compute']:
+                show_compute(tok, start, steps, model.config.n_layer, colour)
+            else:
+                show(start)
+                for piece in stream_text(tok, (token.item() for token, _ in steps)):
+                    show(piece)
         print(f"\nmean exit layer {stats['mean_exit_layer']:.2f} of {model.config.n_layer}", end='')
+    elif cfg['decode'] == 'speculative':  # a verification pass yields several tokens at once: printed at the end
+        out = model.generate(idx, cfg['max_new_tokens'], cfg['temperature'], cfg['top_k'] or None,
+                             decode='speculative', **policy)
+        show(tok.decode(out[0].tolist()))
     else:
         show(start)
         for piece in stream_text(tok, stream_tokens(model, idx, cfg['max_new_tokens'], choose)):
@@ -174,8 +201,9 @@ def main():
         fail(e)
     model.eval().to(device)
     L, colour = model.config.n_layer, sys.stdout.isatty()
-    if cfg['show_compute'] and not getattr(model.config, 'enable_early_exit', False):
-        fail("--show_compute needs a checkpoint trained with enable_early_exit=True")
+    if cfg['decode'] != 'full' and not getattr(model.config, 'enable_early_exit', False):
+        fail(f"--{'show_compute' if cfg['show_compute'] else 'decode=' + cfg['decode']} needs a checkpoint trained "
+             f"with enable_early_exit=True")
     if cfg['show_compute'] and colour:
         print("exit layer: " + ' '.join(f"\033[38;5;{layer_mark(l, L, True)}m{l}\033[0m" for l in range(1, L + 1)))
     if cfg['compile']:

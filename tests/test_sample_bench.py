@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench import ROWS, time_pair
+from bench import ROWS
+from bench_rows import MECHANISM_ROWS
+from bench_rows.protocol import time_pair
 from checkpoint import model_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 from sample import stream_text
@@ -122,11 +124,8 @@ def test_bench_tiny_random_model_json(tmp_path):
     report = json.loads((tmp_path / 'bench.json').read_text())
     for key in ('device', 'dtype', 'threads', 'torch', 'compile', 'params', 'block_size', 'new_tokens', 'batch'):
         assert key in report['setup'], key
-    skipped = ('exit_full', 'early_exit', 'speculative', 'exit_costs', 'against_baseline', 'hourglass', 'pondering',
-               'sparse_decode', 'sparse_compute', 'sparse_quality', 'mlp_micro',
-               'local_train_step', 'local_decode', 'local_stream')
-    # they need a mechanism checkpoint or --baseline
-    assert list(report['rows']) == [r for r in ROWS if r not in skipped]
+    # every generic row, and no mechanism's row: they need a mechanism checkpoint or --baseline
+    assert list(report['rows']) == [r for r in ROWS if r not in {f.__name__ for f in MECHANISM_ROWS}]
     for row in ('decode', 'decode_batch', 'past_block'):
         figures = report['rows'][row]
         assert figures['identical_tokens'] is True
