@@ -19,7 +19,7 @@ import torch
 
 from bench_rows import MECHANISM_ROWS
 from bench_rows.protocol import greedy, time_pair, val_memmap
-from checkpoint import build_model, load_checkpoint, model_from_checkpoint
+from checkpoint import build_model, from_pretrained, is_pretrained, load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_device, pick_dtype, synchronizer
 from configurator import configure_or_exit, describe
 from early_exit import CRITERIA
@@ -30,7 +30,7 @@ from model import GPTConfig
 MODEL_ARGS = {**{f.name: f.default for f in fields(GPTConfig)},
               **dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False)}
 DEFAULTS = dict(
-    ckpt='',  # a checkpoint to measure; empty: a GPT with random weights from the model args below
+    ckpt='',  # a checkpoint to measure, or GPT-2 weights ('gpt2', 'hf:<folder>'); empty: random weights of the args below
     data_root=f'{REPO}/data',  # where a nanoGPT checkpoint's data/<dataset>/meta.pkl is
     **MODEL_ARGS,
     new_tokens=250,  # N new tokens per decode run: the one-token prompt + N stay inside block_size 256
@@ -181,6 +181,8 @@ def load_model(config, ckpt):
     try:
         if not ckpt:
             return build_model('gpt', {k: config[k] for k in MODEL_ARGS})
+        if is_pretrained(ckpt):
+            return from_pretrained(ckpt)[0]
         return model_from_checkpoint(load_checkpoint(ckpt), config['data_root'])[0]
     except (ValueError, OSError, pickle.UnpicklingError) as e:  # CheckpointError is a ValueError
         fail(e)

@@ -143,3 +143,47 @@ def model_from_checkpoint(ckpt, data_root='data'):
         # nanoGPT's convention: a dataset without meta.pkl is GPT-2 BPE
         meta = read_meta(os.path.join(data_root, dataset)) or {'tokenizer': 'gpt2', 'vocab_size': 50257}
     return model, meta
+
+
+PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's GPT-2 on the Hugging Face hub
+# transformers' GPT-2 stores these as Conv1D, (in, out): a Linear's weight is their transpose
+CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def is_pretrained(source):
+    """Whether init_from names pretrained GPT-2 weights: a hub name, or 'hf:<folder>' saved by transformers."""
+    return source in PRETRAINED or source.startswith('hf:')
+
+
+def from_pretrained(source, model_type='gpt', **changes):
+    """(model, meta) of GPT-2 weights from transformers (nanoGPT's from_pretrained): a hub name of PRETRAINED,
+    or 'hf:<folder>' holding a GPT2LMHeadModel saved with save_pretrained. The parameter names are nanoGPT's,
+    so the weights load into a GPT or into an EfficientGPT; changes are model args over GPT-2's (dropout, a
+    smaller block_size, mechanism keys: the parameters a mechanism adds keep their own initialisation)."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise CheckpointError(f"init_from={source!r} needs transformers: pip install -e '.[hf]'") from None
+    name = source.removeprefix('hf:')
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name)
+    except Exception as e:  # a missing folder, no network to the hub, a file that is not GPT-2
+        raise CheckpointError(f"could not load GPT-2 weights {name!r} ({type(e).__name__}: {_first_line(e)})") from None
+    c = hf.config
+    if c.activation_function not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu'):
+        raise CheckpointError(f"{name!r} uses activation {c.activation_function!r}; GPT-2's is gelu_new")
+    args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions, vocab_size=c.vocab_size,
+                bias=True, dropout=0.0, mlp_act='gelu' if c.activation_function == 'gelu' else 'gelu_tanh')
+    args.update(changes)
+    if args['block_size'] > c.n_positions:
+        raise CheckpointError(f"block_size {args['block_size']} is longer than {name!r}'s {c.n_positions} positions")
+    model = build_model(model_type, args)
+    state = {k: v.t() if k.endswith(CONV1D) else v for k, v in hf.state_dict().items()
+             if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+    state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:args['block_size']]  # a shorter context
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    added = {k for k in model.state_dict() if k not in state}  # a mechanism's own parameters
+    if unexpected or set(missing) != added:
+        raise CheckpointError(f"{name!r} does not fit a {model_type} model: unexpected {unexpected[:3]}, "
+                              f"missing {sorted(set(missing) - added)[:3]}")
+    return model, {'tokenizer': 'gpt2', 'vocab_size': 50257}

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import PRETRAINED, from_pretrained, is_pretrained, load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_device, pick_dtype
 from configurator import configure_or_exit, describe
 from early_exit import CRITERIA, stream_early_exit
@@ -22,6 +22,7 @@ from model import decode_tokens, sample_next
 from tokenizer import load_tokenizer
 
 DEFAULTS = dict(
+    init_from='resume',  # 'resume': the checkpoint in out_dir (or ckpt); or GPT-2 weights: 'gpt2' .. 'gpt2-xl', 'hf:<folder>'
     out_dir='out',  # directory holding ckpt.pt
     ckpt='',  # a checkpoint file, instead of out_dir/ckpt.pt
     start='\n',  # prompt text, or FILE:path to read it from a file
@@ -192,7 +193,12 @@ def main():
     device = pick_device(cfg['device'])
     dtype = pick_dtype(cfg['dtype'], device)
     try:
-        model, meta = model_from_checkpoint(load_checkpoint(ckpt_path), cfg['data_root'])
+        if is_pretrained(cfg['init_from']):
+            model, meta = from_pretrained(cfg['init_from'])
+        elif cfg['init_from'] == 'resume':
+            model, meta = model_from_checkpoint(load_checkpoint(ckpt_path), cfg['data_root'])
+        else:
+            fail(f"--init_from must be 'resume', one of {', '.join(PRETRAINED)} or 'hf:<folder>', not {cfg['init_from']!r}")
         tok = load_tokenizer(meta)
         if cfg['start'].startswith('FILE:'):
             with open(cfg['start'][5:], encoding='utf-8') as f:

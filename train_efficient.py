@@ -30,7 +30,8 @@ from torch.distributed import all_reduce, destroy_process_group, init_process_gr
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, build_model, load_checkpoint, model_checkpoint, model_config, save_checkpoint
+from checkpoint import (PRETRAINED, CheckpointError, build_model, from_pretrained, is_pretrained, load_checkpoint,
+                        model_checkpoint, model_config, save_checkpoint)
 from common import autocast, dataset_dir, fail, pick_device, pick_dtype
 from configurator import configure_or_exit, describe, print_config
 from evaluate import bits, evaluate_loss
@@ -48,7 +49,7 @@ log_interval = 10  # log the training loss, tokens/s and lr every this many iter
 eval_iters = 20  # batches per random-batch loss estimate (logs only; see final_eval_windows) (>= 1)
 final_eval_windows = -1  # deterministic val loss at the end over this many fixed windows; -1: whole split, 0: skip
 eval_only = False  # True: evaluate (at the first iteration and at the end) and exit, writing nothing
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt, with the model keys stored there)
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt, with its model keys), or GPT-2's weights: 'gpt2' .. 'gpt2-xl', 'hf:<folder>'
 overwrite = False  # True: a run from scratch may replace a checkpoint already in out_dir
 progress = True  # progress bar on a terminal; in a log file, or with False, a plain line every log_interval
 # wandb logging (optional extra, off by default)
@@ -71,6 +72,8 @@ adaptive_lr_strength = 0.0  # each parameter's update scaled by 1 / (1 + strengt
 # model: 'gpt' (model.py) or 'efficient' (model_efficient.py); every field of EfficientGPTConfig is a key too
 model_type = 'gpt'  # 'gpt' (the baseline, model.py) or 'efficient' (EfficientGPT, model_efficient.py)
 # adamw optimizer
+optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the hidden matrices, AdamW for the rest (GPT.configure_optimizers)
+muon_lr_scale = 1.0  # muon: Muon's learning rate over AdamW's (its update is scaled to AdamW's RMS first)
 learning_rate = 1e-3  # peak learning rate (>= 0)
 max_iters = 2000  # total training iterations (>= 0)
 weight_decay = 1e-1  # AdamW weight decay of the matmul and embedding weights (>= 0)
@@ -82,6 +85,8 @@ decay_lr = True  # False: a constant learning_rate
 warmup_iters = 100  # linear warm-up iterations (>= 0)
 lr_decay_iters = 2000  # cosine decay ends here (> warmup_iters), then min_lr
 min_lr = 1e-4  # the learning rate at the end of the decay (>= 0)
+lr_schedule = 'cosine'  # 'cosine', or 'wsd': warm-up, stable at learning_rate, linear to min_lr at lr_decay_iters
+wsd_decay_frac = 0.2  # wsd: the linear decay takes this last fraction of lr_decay_iters, in (0, 1]
 # system
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto': bfloat16 autocast on CUDA when supported, else float16 (with GradScaler); float32 elsewhere
@@ -139,7 +144,12 @@ def check_settings():
         (0 <= beta1 < 1 and 0 <= beta2 < 1, f"beta1 and beta2 must be in [0, 1), not {beta1} and {beta2}"),
         (grad_clip >= 0, f"grad_clip must be >= 0 (0: no clipping), not {grad_clip}"),
         (model_type in ('gpt', 'efficient'), f"model_type must be 'gpt' or 'efficient', not {model_type!r}"),
-        (init_from in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', not {init_from!r}"),
+        (init_from in ('scratch', 'resume') or is_pretrained(init_from),
+         f"init_from must be 'scratch', 'resume', one of {', '.join(PRETRAINED)} or 'hf:<folder>', not {init_from!r}"),
+        (optimizer in ('adamw', 'muon') and muon_lr_scale > 0,
+         f"optimizer must be 'adamw' or 'muon' and muon_lr_scale > 0, not {optimizer!r} and {muon_lr_scale}"),
+        (lr_schedule in ('cosine', 'wsd') and 0 < wsd_decay_frac <= 1,
+         f"lr_schedule must be 'cosine' or 'wsd' and wsd_decay_frac in (0, 1], not {lr_schedule!r} and {wsd_decay_frac}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -233,7 +243,7 @@ else:
 # the model: from scratch, or the one in out_dir's checkpoint
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
-if init_from == 'scratch':
+if init_from != 'resume':
     if os.path.exists(ckpt_path) and not eval_only and not overwrite:
         fail(f"{ckpt_path} already holds a checkpoint: continue it with --init_from=resume, replace it with "
              f"--overwrite=True, or choose another out_dir")
@@ -316,7 +326,7 @@ iter_num, best_val_loss = 0, float('inf')
 eval_history, train_seconds = [], 0.0
 last_good = None  # the iteration of the checkpoint on disk that this run may fall back to
 if checkpoint is None:
-    if master_process:
+    if master_process and not is_pretrained(init_from):
         print(f"initializing a new {model_type} model from scratch")
     model_args['vocab_size'] = meta['vocab_size']
 else:
@@ -329,7 +339,23 @@ else:
     if not all_finite(checkpoint['model'].values()):
         fail(f"{ckpt_path} holds weights that are not finite (iteration {checkpoint['iter_num']}): it cannot be resumed")
 try:
-    model = build_model(model_type, model_args)
+    if is_pretrained(init_from):  # GPT-2's architecture and weights; the keys set here may change a few things
+        if meta.get('tokenizer') != 'gpt2':
+            fail(f"init_from={init_from!r} needs a dataset in GPT-2 BPE tokens (e.g. dataset='shakespeare'), "
+                 f"not {data_dir}'s {meta.get('tokenizer', 'char')} vocabulary")
+        fixed = {f.name for f in fields(GPTConfig)} - {'dropout', 'block_size'}  # GPT-2's own
+        if fixed & given:
+            fail(f"{', '.join(sorted(fixed & given))}: GPT-2's own with init_from={init_from!r} (dropout, a shorter "
+                 f"block_size and mechanism keys may be set)")
+        if master_process:
+            print(f"initializing a {model_type} model from GPT-2 weights {init_from!r}")
+        model, _ = from_pretrained(init_from, model_type, **{k: config[k] for k in given if k in model_args
+                                                              and k not in fixed})
+        config.update({k: getattr(model.config, k) for k in model_defaults if hasattr(model.config, k)})
+        globals().update(config)  # block_size and the rest as the model has them: the stored config is what ran
+        tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+    else:
+        model = build_model(model_type, model_args)
 except CheckpointError as e:
     fail(e)
 if checkpoint is not None:
@@ -350,7 +376,7 @@ if master_process and not eval_only:
     os.makedirs(out_dir, exist_ok=True)
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr_scale)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
@@ -387,11 +413,14 @@ def estimate_loss():
 
 
 def get_lr(it):
-    """Linear warm-up for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warm-up for warmup_iters, decay to min_lr at lr_decay_iters (cosine, or wsd's), then min_lr."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
         return min_lr
+    if lr_schedule == 'wsd':  # stable, then linear to min_lr over the last wsd_decay_frac
+        start = max(warmup_iters, lr_decay_iters * (1 - wsd_decay_frac))
+        return learning_rate + (min_lr - learning_rate) * max(0.0, it - start) / (lr_decay_iters - start)
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # goes 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
@@ -499,6 +528,7 @@ while True:
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     step_start = time.time()
+    raw_model.set_progress(iter_num / max_iters)  # losses on a schedule (early exit's) read where training is
     for micro_step in range(gradient_accumulation_steps):
         # under DDP, sync gradients only at the last micro step
         sync = not ddp or micro_step == gradient_accumulation_steps - 1
