@@ -49,7 +49,7 @@ DEFAULTS = dict(
     baseline='',  # a cached model to compare against (e.g. out-bench-baseline/ckpt.pt); empty: those rows skip
     exit_sweep='max_prob:0.8,0.5,0.3;margin:0.6,0.3,0.1;saturation:0.995,0.99,0.98;learned:0.9,0.8,0.6',  # criterion:thresholds;...
     exit_windows=8,  # early exit: decode-consistent val loss over the first exit_windows fixed windows
-    spec_sweep='1:4,2:4,2:6,3:6',  # self-speculative settings, draft_layers:draft_tokens,...
+    spec_sweep='1:4,2:4,2:6,3:6',  # self-speculative settings, draft_layers:draft_tokens[:draft_confidence],...
     long_T='1024,2048,4096',  # local attention: sequence lengths of the training-step row
     long_window=128,  # local attention: window of the training-step row
     long_tokens=16384,  # local attention: tokens of the long decode row (rolling vs full cache)
@@ -193,14 +193,16 @@ def sweeps(config):
     try:
         exits = [(c, float(t)) for part in config['exit_sweep'].split(';') for c, ts in [part.split(':')]
                  for t in ts.split(',')]
-        spec = [tuple(map(int, s.split(':'))) for s in config['spec_sweep'].split(',')]
+        spec = [(int(s.split(':')[0]), int(s.split(':')[1]), *map(float, s.split(':')[2:]))
+                for s in config['spec_sweep'].split(',')]
     except ValueError:
         fail(f"--exit_sweep={config['exit_sweep']!r} / --spec_sweep={config['spec_sweep']!r}: write them like "
              f"{DEFAULTS['exit_sweep']!r} and {DEFAULTS['spec_sweep']!r}")
     if bad := [c for c, _ in exits if c not in CRITERIA]:
         fail(f"--exit_sweep: unknown criteria {', '.join(bad)}; use {', '.join(CRITERIA)}")
-    if any(len(p) != 2 or min(p) < 1 for p in spec):
-        fail(f"--spec_sweep={config['spec_sweep']!r}: each setting is draft_layers:draft_tokens, both >= 1")
+    if any(len(p) not in (2, 3) or min(p[:2]) < 1 for p in spec):
+        fail(f"--spec_sweep={config['spec_sweep']!r}: each setting is draft_layers:draft_tokens[:draft_confidence], "
+             f"the first two >= 1")
     return exits, spec
 
 

@@ -58,9 +58,11 @@ def speculative(b):
     if not applies(b):
         return None
     out = {}
-    for layers, tokens in b.spec_sweep:
-        identical, t, stats = engine_pair(b, b.model, decode='speculative', draft_layers=layers, draft_tokens=tokens)
-        out[f'draft {layers} layers x {tokens}'] = dict(
+    for layers, tokens, *confidence in b.spec_sweep:
+        identical, t, stats = engine_pair(b, b.model, decode='speculative', draft_layers=layers, draft_tokens=tokens,
+                                          draft_confidence=confidence[0] if confidence else 0.0)
+        stop = f', stop under {confidence[0]}' if confidence else ''
+        out[f'draft {layers} layers x {tokens}{stop}'] = dict(
             **speed(t), full_tok_s=t['b']['median'], identical_tokens=identical,
             acceptance_rate=stats['acceptance_rate'], tokens_per_pass=stats['tokens_per_pass'],
             flops_per_token=stats['flops_per_token'])
