@@ -438,7 +438,7 @@ class MixtureOfDepths(nn.Module):
         self.router_loss_weight = config.mod_router_loss_weight
         self.topk_in_eval = False  # outside training, route by top-k as training does (set_mod_routing)
         self.aux = {}
-        self._chosen = self.logits = None  # (B, T): which tokens ran the block (see chosen), the router logits
+        self._chosen = self.logits = None  # which tokens ran the block (see chosen), the router logits (B, T)
         self.reset_counts()
 
     def forward(self, x, cache=None):
@@ -454,12 +454,14 @@ class MixtureOfDepths(nn.Module):
             assert cache is None, "top-k routing reads the whole sequence: it has no cached decode"
             idx = logits.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values  # (B, k) in text order
             chosen, counts = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True), [k] * B
-        else:  # sigmoid(logit) > 0.5: each row's chosen tokens first, in text order, then the others as padding
+        else:  # sigmoid(logit) > 0.5
             chosen = logits > 0
             counts = chosen.sum(dim=1).tolist()
-            idx = None if min(counts) == T else \
+            # one token per row (batched decode): every row runs when any does, the unchosen ones as padding; else
+            # each row's chosen tokens first, in text order, then unchosen ones as padding
+            idx = None if T == 1 or min(counts) == T else \
                 torch.sort((~chosen).to(torch.int8), dim=1, stable=True).indices[:, :max(counts)]  # (B, n)
-        y = self.run(x, logits, idx, counts, cache) if max(counts) else x
+        y = self.run(x, logits, chosen, idx, counts, cache) if max(counts) else x
         if cache is not None:
             cache.advance(chosen.tolist())
         if self.training:
@@ -474,14 +476,17 @@ class MixtureOfDepths(nn.Module):
     @property
     def chosen(self):
         """(B, T) bool: which tokens ran the block in the last forward."""
-        return self.logits > 0 if self._chosen is None else self._chosen
+        c = self._chosen
+        return torch.tensor([[c]]) if isinstance(c, bool) else c
 
-    def run(self, x, logits, idx, counts, cache):
-        """The block over the chosen tokens of x (B, T, C): all of them (idx None), or those at idx (B, n), where a
-        row with fewer chosen tokens than n pads with unchosen ones (they run, and their rows are written back
-        unchanged: their weight is 0). Returns x with the chosen tokens' updates, x + w·(block(x) - x)."""
+    def run(self, x, logits, chosen, idx, counts, cache):
+        """The block over the chosen tokens of x (B, T, C) and some padding: every token (idx None), or those at
+        idx (B, n), where a row with fewer chosen tokens than n pads with unchosen ones. Padding runs and is written
+        back unchanged (weight 0). Returns x with the chosen tokens' updates, x + w·(block(x) - x)."""
         if idx is None:
             xs, w, at = x, torch.sigmoid(logits), None
+            if min(counts) < x.size(1):
+                w = w * chosen
         else:
             at = idx[..., None].expand(-1, -1, x.size(2))
             xs, w = x.gather(1, at), torch.sigmoid(logits.gather(1, idx))  # (B, n, C), (B, n)
@@ -492,13 +497,13 @@ class MixtureOfDepths(nn.Module):
         return y if idx is None else x.scatter(1, at, y)
 
     def decode_one(self, x, cache):
-        """One token of a cached decode (x: (1, 1, C)): the router's logit on the host decides, and a skipped token
-        costs the router alone."""
-        logits = self.router(x)  # (1, 1, 1)
-        went = logits.item() > 0
-        self._chosen, self.logits = None, logits.detach().view(1, 1)
+        """One token of a cached decode (x: (1, 1, C)): the router's logit, one matrix-vector product read on the
+        host, decides, so a skipped token costs the router alone."""
+        logit = torch.addmv(self.router.bias, self.router.weight, x.view(-1)).item()
+        went = logit > 0
+        self._chosen, self.logits = went, None
         self.tokens_run, self.positions_seen = self.tokens_run + went, self.positions_seen + 1
-        y = torch.lerp(x, self.block(x, cache.select(None)), torch.sigmoid(logits)) if went else x
+        y = torch.lerp(x, self.block(x, cache.select(None)), 1 / (1 + math.exp(-logit))) if went else x
         cache.advance([[went]])
         return y
 
