@@ -90,6 +90,7 @@ class ExitHeads(nn.Module):
         self.weights = {l: config.early_exit_loss_weight * (l + 1) / depth for l in exits}
         self.classifiers = nn.ModuleDict({str(l): nn.Linear(config.n_embd + 2, 1) for l in exits})
         self.schedule, self.factor = SCHEDULES[config.exit_loss_schedule], SCHEDULES[config.exit_loss_schedule](0.0)
+        self.detach = config.exit_detach_trunk
 
     def set_progress(self, fraction):
         self.factor = self.schedule(fraction)
@@ -103,7 +104,7 @@ class ExitHeads(nn.Module):
         for l, w in self.weights.items():
             point = model.transformer.h[l].exit
             x, point.state = point.state, None
-            logits_l = exit_logits(model, x)  # (B, T, V)
+            logits_l = exit_logits(model, x.detach() if self.detach else x)  # (B, T, V)
             aux[f'exit{l + 1}_ce'] = (w * self.factor, F.cross_entropy(logits_l.flatten(0, 1), targets.flatten(), ignore_index=-1))
             # the classifier learns from detached features: it never changes what the model predicts
             score = self.classifiers[str(l)](exit_features(x, logits_l).detach()).squeeze(-1)  # (B, T)

@@ -280,3 +280,19 @@ def test_bench_early_exit_rows(tmp_path, checkpoints):
     assert sweep['max_prob@2.0']['gen_exit_layer'] == 4 and sweep['max_prob@0.1']['val_exit_layer'] < 4
     assert all(s['identical_tokens'] for s in rows['speculative'].values())
     assert 'ratio' in rows['exit_full'] and rows['exit_costs']['check_learned_us'] > 0
+
+
+def test_exit_loss_schedules_and_detached_trunk(tiny_args):
+    model = make(tiny_args, exit_loss_schedule='decay').train()
+    x = torch.randint(0, 50, (2, 16))
+    model(x, x)
+    assert model.aux_losses()['exit3_ce'][0] == pytest.approx(0.25)  # 0.5 * 3 / (1 + 2 + 3), all of it at the start
+    model.set_progress(0.75)
+    model(x, x)
+    assert model.aux_losses()['exit3_ce'][0] == pytest.approx(0.25 * 0.25)
+    # detached: the exit losses reach the shared head but no layer below the exits
+    model = make(tiny_args, exit_detach_trunk=True).train()
+    model(x, x)
+    sum(v for k, (w, v) in model.aux_losses().items() if k.endswith('_ce')).backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.transformer.h.parameters())
