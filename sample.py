@@ -59,6 +59,10 @@ def check_settings(cfg):
         cfg['decode'] = 'early_exit'
     if cfg['exit_criterion'] is not None and cfg['exit_criterion'] not in CRITERIA:
         fail(f"--exit_criterion must be one of {', '.join(CRITERIA)}, not {cfg['exit_criterion']!r}")
+    for key, kind in (('exit_threshold', (int, float)), ('draft_layers', int), ('draft_tokens', int)):
+        value = cfg[key]
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
+            fail(f"--{key} must be a positive number (an int for the draft keys), not {value!r}")
     t = cfg['temperature']
     if not (t == 0 or 1e-3 <= t < float('inf')):
         fail(f"--temperature must be 0 (greedy) or a finite number >= 0.001, not {t}")
