@@ -23,6 +23,19 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    mlp_act: str = 'gelu'  # MLP activation: 'gelu' (nanoGPT), 'gelu_tanh' (GPT-2's own weights), 'relu2' (relu(x)²)
+
+    def __post_init__(self):
+        """A size that cannot build a model is named here, before torch fails on it."""
+        small = [k for k in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if getattr(self, k) < 1]
+        if small:
+            raise ValueError(f"{', '.join(f'{k}={getattr(self, k)}' for k in small)}: must be at least 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.mlp_act not in ACTIVATIONS:
+            raise ValueError(f"mlp_act must be one of {', '.join(map(repr, ACTIVATIONS))}, not {self.mlp_act!r}")
 
 
 @dataclass
@@ -126,6 +139,11 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def store(self, k, v, cache):
+        """Append keys and values computed outside forward (B, nh, T, hs) to cache, positioned as forward
+        positions its own (state propagation of skipped steps and layers). Learned positions: as they are."""
+        cache.update(k, v)
+
     def cost(self, keys):
         """One query: the projections, then q.k and att.v over `keys` cached positions."""
         return module_cost(self) + Cost(2 * 2 * self.n_embd * keys)
@@ -141,12 +159,22 @@ def attend(q, k, v, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout_p)
 
 
+class ReLU2(nn.Module):
+    """relu(x)² (Primer, So et al. 2021), the modded-nanogpt speedrun's MLP activation."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
+ACTIVATIONS = {'gelu': nn.GELU, 'gelu_tanh': lambda: nn.GELU(approximate='tanh'), 'relu2': ReLU2}
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = ACTIVATIONS[config.mlp_act]()  # nanoGPT's attribute name, whatever the activation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -178,6 +206,47 @@ class Block(nn.Module):
 def block_cost(block, keys):
     """A pre-norm block over one token that attends to `keys` positions: its slots as they execute."""
     return module_cost(block.ln_1) + block.attn.cost(keys) + module_cost(block.ln_2) + block.mlp.cost()
+
+
+class Optimizers:
+    """Optimizers over disjoint parameters used as one (Muon's hidden matrices and AdamW's rest): param_groups
+    lists every group, so a schedule sets each group's lr as it would for one optimizer; each optimizer steps at
+    its lr_scale times that lr. The state dict holds each optimizer's, so a resumed run continues exactly."""
+
+    def __init__(self, *scaled):
+        self.optimizers = [o for o, _ in scaled]  # (optimizer, lr_scale) pairs
+        self.lr_scales = [s for _, s in scaled]
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def step(self, closure=None):
+        for o, scale in zip(self.optimizers, self.lr_scales):
+            lrs = [g['lr'] for g in o.param_groups]
+            for g in o.param_groups:
+                g['lr'] = g['lr'] * scale
+            o.step()
+            for g, lr in zip(o.param_groups, lrs):
+                g['lr'] = lr  # the schedule's value, as set
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {'optimizers': [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state.get('optimizers', ())) != len(self.optimizers):
+            raise ValueError(f"an optimizer state of {len(state.get('optimizers', ()))} optimizers cannot load into "
+                             f"{len(self.optimizers)} (was the run trained with another optimizer?)")
+        for o, s in zip(self.optimizers, state['optimizers']):
+            o.load_state_dict(s)
 
 
 def token_probs(logits, temperature, top_k=None):
@@ -235,7 +304,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([self.make_block(i) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = self.make_head()
         # weight tying: https://paperswithcode.com/method/weight-tying
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -246,6 +315,12 @@ class GPT(nn.Module):
 
     def make_block(self, layer):
         return Block(self.config)
+
+    def make_head(self):
+        return nn.Linear(self.config.n_embd, self.config.vocab_size, bias=False)
+
+    def set_progress(self, fraction):
+        """Where training is, 0 .. 1, for losses on a schedule; the baseline has none."""
 
     def aux_losses(self):
         """{name: (weight, value)} of auxiliary losses from the last forward; the baseline has none."""
@@ -302,18 +377,34 @@ class GPT(nn.Module):
         return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
                         device or p.device, dtype or p.dtype) for _ in range(c.n_layer)]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # every 2D parameter (matmul weights, embeddings) decays; biases and norms don't
-        param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
-        decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
-        nodecay_params = [p for n, p in param_dict.items() if p.dim() < 2]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
+                             muon_lr_scale=1.0):
+        """nanoGPT's AdamW ('adamw'), or 'muon': torch.optim.Muon for the hidden matrices (every 2-D weight but
+        the embedding tables and the LM head) and AdamW for the rest. Muon scales its orthogonalised update to
+        AdamW's RMS ('match_rms_adamw', Moonlight), so both follow learning_rate's schedule and share weight_decay;
+        Muon's rate is muon_lr_scale times AdamW's."""
+        if optimizer not in ('adamw', 'muon'):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+        params = [p for p in self.parameters() if p.requires_grad]
+        tables = {id(p) for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        tables.add(id(self.lm_head.weight))
+        # a matrix with one row or column (a gate, a halting unit) is a vector to orthogonalise: AdamW's
+        hidden = [p for p in params if p.dim() == 2 and min(p.shape) > 1 and id(p) not in tables] \
+            if optimizer == 'muon' else []
+        taken = {id(p) for p in hidden}
+        rest = [p for p in params if id(p) not in taken]
+        # every 2D parameter AdamW holds (matmul weights, embeddings) decays; biases, norms and scalars don't
         optim_groups = [
-            {'params': decay_params, 'weight_decay': weight_decay},
-            {'params': nodecay_params, 'weight_decay': 0.0},
+            {'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
+            {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0},
         ]
         fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
         extra_args = dict(fused=True) if fused_available and device_type == 'cuda' else dict()
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        adamw = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        if not hidden:
+            return adamw
+        muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw')
+        return Optimizers((muon, muon_lr_scale), (adamw, 1.0))
 
     def head_cost(self):
         """The final norm and the LM head over one position."""
