@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from local_attention import LocalSelfAttention, RollingKVCache, Rotary, RotarySelfAttention
-from model import MLP, CausalSelfAttention, KVCache, attend, block_cost, module_cost, weights_cost
+from model import MLP, CausalSelfAttention, Cost, KVCache, attend, block_cost, module_cost, weights_cost
 
 
 class TopKMLP(MLP):
@@ -289,7 +289,8 @@ class RoutedKVCache:
 
 
 ATTN = {
-    'full': CausalSelfAttention,
+    # nanoGPT's attention, or with the per-head qk norm the attention that transforms q and k (no rotation)
+    'full': lambda config: RotarySelfAttention(config, rope=False) if config.qk_norm else CausalSelfAttention(config),
     'full_rope': RotarySelfAttention,
     'local': lambda config: LocalSelfAttention(config, rope=False),
     'local_rope': lambda config: LocalSelfAttention(config, rope=True),
@@ -315,6 +316,131 @@ CACHE = {'full': full_cache, 'full_rope': full_cache, 'local': rolling_cache, 'l
          'routed': routed_cache, 'routed_rope': routed_cache}
 
 FFN = {'dense': MLP, 'topk': TopKMLP, 'moe': MoEMLP}
+
+
+class SoftCapHead(nn.Linear):
+    """The LM head with its logits soft-capped: c·tanh(logits / c) stays within ±c (Gemma 2; the modded-nanogpt
+    speedrun). Same parameter (lm_head.weight) and the same matmul as the plain head."""
+
+    def __init__(self, n_embd, vocab_size, cap):
+        super().__init__(n_embd, vocab_size, bias=False)
+        self.cap = cap
+
+    def forward(self, x):
+        return self.cap * torch.tanh(super().forward(x) / self.cap)
+
+
+class Smear(nn.Module):
+    """One-token look-back at the input (the modded-nanogpt speedrun's smear): each token's embedding adds a gated
+    share of the previous token's, x_t + λ·σ(w·x_t[:g])·x_{t-1}, so the first layer already sees the bigram.
+    λ starts at 0 (the plain embedding) and the gate reads the first g channels. The first position of a sequence
+    adds nothing; at decode the previous embedding comes from the SmearState at cache[slot]."""
+
+    def __init__(self, config, slot):
+        super().__init__()
+        self.gate = nn.Linear(min(12, config.n_embd), 1, bias=False)
+        self.scale = nn.Parameter(torch.zeros(1))  # λ
+        self.slot = slot  # where the model's cache list holds this module's state
+
+    def forward(self, x, cache=None):
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) if cache is None else cache[self.slot].update(x)  # (B, T, C)
+        return x + self.scale * torch.sigmoid(self.gate(x[..., :self.gate.in_features])) * prev
+
+    def cost(self):
+        """The gate and λ over one token (the previous embedding is held, not recomputed)."""
+        return module_cost(self)
+
+
+def keep_input(x, cache=None):
+    return x
+
+
+class SmearState:
+    """What Smear reads at decode: the input embeddings of the last 1 + rollback positions (zeros before the
+    first), so the next position finds its predecessor. Counts positions like a KV cache (len)."""
+
+    def __init__(self, batch_size, n_embd, rollback=0, device=None, dtype=None):
+        self.keep = 1 + rollback
+        self.zeros = torch.zeros(batch_size, 1, n_embd, device=device, dtype=dtype)
+        self.reset()
+
+    def update(self, x):
+        """x (B, T, C): the embeddings of positions len .. len+T-1; returns each one's predecessor (B, T, C)."""
+        prev = torch.cat([self.recent[:, -1:], x[:, :-1]], dim=1)
+        self.recent = torch.cat([self.recent, x], dim=1)[:, -self.keep:]
+        self.len += x.size(1)
+        return prev
+
+    def truncate(self, n):
+        if n >= self.len:
+            return
+        back = self.len - n
+        if n and back >= self.recent.size(1):
+            raise ValueError(f"cannot roll the smear state back from {self.len} to {n} positions: it holds the last "
+                             f"{self.keep}; build the cache with new_cache(rollback=...) for more")
+        self.recent = self.recent[:, :self.recent.size(1) - back] if n else self.zeros
+        self.len = n
+
+    def reset(self):
+        self.recent = self.zeros  # (B, held, C); the zeros stand before position 0
+        self.len = 0
+
+    @property
+    def nbytes(self):
+        return self.recent.nelement() * self.recent.element_size()
+
+
+class ValueEmbeddings(nn.Module):
+    """Value embeddings (the modded-nanogpt speedrun): a token table per chosen layer whose row is added to that
+    layer's values, so attention can move a token's identity without the residual stream carrying it. The model
+    looks the rows up once per forward (forward(idx)); each chosen layer's c_attn, a ValueQKV, adds its row to the
+    value third of its output, so every path that projects values (forward, K/V propagation) sees the same."""
+
+    def __init__(self, config, layers):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd) for _ in layers)
+        for t in self.tables:
+            nn.init.normal_(t.weight, mean=0.0, std=0.02)
+        self.layers = layers
+        self.inputs = []  # the ValueQKV modules fed, one per table (a plain list: they belong to their attention)
+
+    def attach(self, blocks):
+        """Make each chosen layer's c_attn a ValueQKV with the same weights, and feed it."""
+        for i in self.layers:
+            attn = blocks[i].attn
+            attn.c_attn = ValueQKV.of(attn.c_attn)
+            self.inputs.append(attn.c_attn)
+
+    def forward(self, idx):
+        for table, qkv in zip(self.tables, self.inputs):
+            qkv.rows = table(idx)  # (B, T, C)
+        return idx
+
+    def cost(self):
+        """One row of each table read per token (a lookup: no multiply)."""
+        return lookup_cost(*self.tables)
+
+
+def lookup_cost(*tables):
+    """One row of each embedding table read per token: weight bytes, no multiply."""
+    return Cost(0, sum(t.weight[0].numel() * t.weight.element_size() for t in tables))
+
+
+class ValueQKV(nn.Linear):
+    """c_attn whose value third adds the row of a value embedding for the same tokens (set before each forward)."""
+
+    @classmethod
+    def of(cls, linear):
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device='meta')  # no init
+        m.weight, m.bias = linear.weight, linear.bias
+        m.rows = None
+        return m
+
+    def forward(self, x):
+        y = super().forward(x)  # (B, T, 3C): q, k, v
+        C = self.rows.size(-1)
+        y[..., -C:] += self.rows
+        return y
 
 
 class StepCaches(list):
@@ -414,7 +540,7 @@ def append_kv(attn, x, cache):
     """Append the keys and values that attention `attn` computes from x (B, T, C) to cache, without
     the queries or the attention itself (state propagation for skipped steps)."""
     _, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
-    cache.update(attn.heads(k), attn.heads(v))
+    attn.store(attn.heads(k), attn.heads(v), cache)
 
 
 class MixtureOfDepths(nn.Module):

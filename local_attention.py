@@ -87,10 +87,12 @@ def flex_window_attention(q, k, v, window, sinks=0):
 class Rotary(nn.Module):
     """Rotary position embedding (GPT-NeoX layout: the two halves of each head are the pairs rotated).
     cos and sin of the first block_size positions are tabled (decode rotates every token in every layer,
-    and each op's overhead is what costs); positions past the table, when a model streams, are computed."""
+    and each op's overhead is what costs); positions past the table, when a model streams, are computed.
+    norm: applied to q and k per head before the rotation (qk_norm), or None."""
 
-    def __init__(self, head_size, base=10000.0, table_len=0):
+    def __init__(self, head_size, base=10000.0, table_len=0, norm=None):
         super().__init__()
+        self.norm = norm or keep
         assert head_size % 2 == 0, "rotary positions need an even head size"
         inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
         # derived, so not in checkpoints: (hs/2,), and (table_len, hs) full-width cos and signed sin
@@ -104,40 +106,92 @@ class Rotary(nn.Module):
         angles = torch.outer(pos, self.inv_freq)  # (T, hs/2)
         return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles, angles], dim=-1).sin()
 
-    def forward(self, q, k, start=0):
-        """q, k (B, nh, T, hs) at absolute positions start .. start+T-1, rotated together."""
-        T = q.size(2)
+    def position(self, qk, start=0):
+        """qk (..., T, hs): heads at absolute positions start .. start+T-1 (q and k stacked, or keys alone),
+        normalised and rotated in one chain of ops: x·cos + swap_halves(x)·sin."""
+        T = qk.size(-2)
         if start + T <= self.cos.size(0):
             cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         else:
-            cos, sin = self.angles(torch.arange(start, start + T, device=q.device, dtype=torch.float32))
-        qk = torch.cat([q, k], dim=1)  # (B, 2·nh, T, hs)
-        x1, x2 = qk.chunk(2, dim=-1)
-        qk = qk * cos + torch.cat([x2, x1], dim=-1) * sin
-        return qk.type_as(q).split(q.size(1), dim=1)  # float32 tables: back to q's dtype under autocast
+            cos, sin = self.angles(torch.arange(start, start + T, device=qk.device, dtype=torch.float32))
+        qk = self.norm(qk)
+        swapped = qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+        out = torch.addcmul(qk * cos, swapped, sin)
+        return out if out.dtype == qk.dtype else out.to(qk.dtype)  # float32 tables: back to bf16 under autocast
+
+    def keys(self, k, start=0):
+        """k (B, nh, T, hs) alone at positions start .. start+T-1 (keys computed outside attention)."""
+        return self.position(k, start)
+
+    def forward(self, q, k, start=0):
+        """q, k (B, nh, T, hs) at absolute positions start .. start+T-1, rotated together."""
+        return self.position(torch.stack([q, k]), start).unbind(0)
 
 
-def learned_positions(q, k, start=0):
-    """With learned position embeddings (added at the input) attention leaves q and k as they are."""
-    return q, k
+def keep(t):
+    return t
+
+
+def head_norm(t):
+    """Each head's vector normalised (LayerNorm without weights over hs): bounded q·k scores. One fused kernel on
+    CPU, where F.rms_norm runs as a chain of a dozen small ops."""
+    return F.layer_norm(t, t.shape[-1:])
+
+
+class LearnedPositions:
+    """With learned position embeddings (added at the input) attention leaves q and k as they are (but for the
+    per-head norm, when given)."""
+
+    def __init__(self, norm=None):
+        self.norm = norm or keep
+
+    def position(self, qk, start=0):
+        return self.norm(qk)
+
+    def __call__(self, q, k, start=0):
+        return self.norm(q), self.norm(k)
+
+    def keys(self, k, start=0):
+        return self.norm(k)
+
+
+def positions(config, rope):
+    """What attention does to q and k: rotary positions (rope), or nothing (learned positions enter at the input);
+    normalised per head first when config.qk_norm."""
+    norm = head_norm if config.qk_norm else None
+    if rope:
+        return Rotary(config.n_embd // config.n_head, config.rope_base, config.block_size, norm)
+    return LearnedPositions(norm)
+
+
+def positioned_qkv(attn, x, start):
+    """q, k, v (B, nh, T, hs) of x (B, T, C) at positions start .. start+T-1: views of one c_attn output (no
+    split, and q and k positioned together without a cat: at batch-1 decode each op's overhead is the cost)."""
+    B, T, C = x.size()
+    qkv = attn.c_attn(x).view(B, T, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+    q, k = attn.rotate.position(qkv[:2], start).unbind(0)
+    return q, k, qkv[2]
 
 
 class RotarySelfAttention(CausalSelfAttention):
-    """Full causal attention with rotary positions; reads a full KVCache. Same parameters as the baseline."""
+    """Full causal attention whose q and k pass through positions(): rotary (rope=True) or none (learned positions,
+    with qk_norm); reads a full KVCache. Same parameters as the baseline."""
 
-    def __init__(self, config):
+    def __init__(self, config, rope=True):
         super().__init__(config)
-        self.rotate = Rotary(config.n_embd // config.n_head, config.rope_base, config.block_size)
+        self.rotate = positions(config, rope)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
-        q, k, v = map(self.heads, self.c_attn(x).split(self.n_embd, dim=2))  # (B, nh, T, hs)
-        q, k = self.rotate(q, k, cache.len if cache is not None else 0)
+        q, k, v = positioned_qkv(self, x, cache.len if cache is not None else 0)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nh, S, hs)
         y = attend(q, k, v, self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def store(self, k, v, cache):
+        cache.update(self.rotate.keys(k, cache.len), v)  # keys enter the cache rotated, as forward's do
 
 
 class LocalSelfAttention(CausalSelfAttention):
@@ -148,22 +202,23 @@ class LocalSelfAttention(CausalSelfAttention):
         super().__init__(config)
         self.window = config.local_attention_window
         self.sinks = config.attention_sinks
-        self.rotate = Rotary(config.n_embd // config.n_head, config.rope_base, config.block_size) if rope \
-            else learned_positions
+        self.rotate = positions(config, rope)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
         dropout_p = self.attn_dropout if self.training else 0.0
-        q, k, v = map(self.heads, self.c_attn(x).split(self.n_embd, dim=2))  # (B, nh, T, hs)
-        if cache is None:  # training / reference: positions 0 .. T-1
-            q, k = self.rotate(q, k, 0)
+        # training / reference: positions 0 .. T-1; decode: cache.len, the absolute positions seen so far
+        q, k, v = positioned_qkv(self, x, cache.len if cache is not None else 0)  # (B, nh, T, hs)
+        if cache is None:
             y = sliding_window_attention(q, k, v, self.window, self.sinks, dropout_p)
         else:
-            q, k = self.rotate(q, k, cache.len)  # cache.len: absolute positions seen so far
             k, v, mask = cache.update(k, v)  # (B, nh, S, hs), (T, S): S = the cache's slots (+ T when T > 1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def store(self, k, v, cache):
+        cache.update(self.rotate.keys(k, cache.len), v)  # keys enter the cache rotated, as forward's do
 
     def cost(self, keys):
         return super().cost(min(keys, self.window + self.sinks))  # the window bounds the keys read

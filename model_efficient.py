@@ -8,10 +8,11 @@ from dataclasses import InitVar, dataclass, replace
 
 import torch.nn as nn
 
-from early_exit import CRITERIA, DECODE, ExitHeads, ExitPoint, keep_output, no_losses
-from efficient_modules import ATTN, CACHE, FFN, MixtureOfDepths, Ponder
+from early_exit import CRITERIA, DECODE, SCHEDULES, ExitHeads, ExitPoint, keep_output, no_losses
+from efficient_modules import (ATTN, CACHE, FFN, MixtureOfDepths, Ponder, Smear, SmearState, SoftCapHead, ValueEmbeddings,
+                               keep_input, lookup_cost)
 from hierarchical_modules import Hourglass, HourglassState, groups_closed
-from model import GPT, GPTConfig, LayerNorm, block_cost, decoding, module_cost
+from model import GPT, Cost, GPTConfig, LayerNorm, block_cost, decoding, module_cost
 
 
 @dataclass
@@ -20,27 +21,29 @@ class EfficientGPTConfig(GPTConfig):
 
     # local attention: the query at position t attends to itself and the w-1 positions before
     # it (t-w+1 .. t); O(T·w) training and a rolling KV cache of w entries at decode
-    enable_local_attention: bool = False
-    local_attention_window: int = 128  # w
+    enable_local_attention: bool = False  # sliding-window attention in every layer not named in global_layers
+    local_attention_window: int = 128  # w: a query sees itself and the w-1 positions before it
     global_layers: str = 'none'  # layers kept full attention, an expand_layers pattern ('every:3', '0,5'); rest local
     attention_sinks: int = 0  # the first s positions stay visible to every local query (StreamingLLM); 0: none
     # positions: 'learned' (nanoGPT's wpe table, block_size positions) or 'rope' (rotary q, k; no wpe). With rope
     # and every layer local, generation continues past block_size at constant memory
-    pos_emb: str = 'learned'
-    rope_base: float = 10000.0
+    pos_emb: str = 'learned'  # 'learned' (nanoGPT's position table) or 'rope' (rotary q and k)
+    rope_base: float = 10000.0  # rotary positions: the base of the angle frequencies
 
     # early exit (CALM, LayerSkip): shallow layers answer easy tokens at decode; see early_exit.py
-    enable_early_exit: bool = False
+    enable_early_exit: bool = False  # exit heads on the shared LM head, and the early-exit and speculative decoders
     exit_layers: str = 'all'  # layers that may exit (expand_layers pattern); the last layer is always the final one
     exit_threshold: float = 0.95  # exit when the criterion's confidence >= this: HIGHER exits LESS; > 1 never exits
     exit_criterion: str = 'max_prob'  # 'max_prob' | 'margin' (top-1 minus top-2 prob) | 'saturation' | 'learned'
     early_exit_loss_weight: float = 0.5  # total weight of the exits' cross-entropies, shared in proportion to depth
+    exit_loss_schedule: str = 'constant'  # that weight over training: 'constant' | 'decay' (to 0) | 'late' (last 30%) | 'rise' (from 0)
+    exit_detach_trunk: bool = False  # exit losses train only the shared ln_f and lm_head, never the layers below
     layer_dropout: float = 0.0  # LayerSkip's layer dropout: skip rate of the last layer, rising linearly from 0
     spec_exit_layer: int = 0  # self-speculative decode drafts with this many layers; 0: half of n_layer
     spec_draft_tokens: int = 4  # tokens drafted per verification pass
 
     # hierarchical processing: hourglass (hierarchical_modules.Hourglass)
-    enable_hierarchical: bool = False
+    enable_hierarchical: bool = False  # the hourglass: hierarchy_layers run at 1/hierarchy_factor resolution
     hierarchy_factor: int = 2  # k: the shortened layers see one position per k tokens
     hierarchy_layers: str = 'none'  # the shortened layers, a contiguous run before the last layer, e.g. '1,2,3,4'
     # adaptive depth: 'none', 'act' (adaptive computation time, efficient_modules.Ponder) or 'mod' (Mixture-of-Depths,
@@ -57,29 +60,45 @@ class EfficientGPTConfig(GPTConfig):
     enable_adaptive_compute: InitVar[bool] = None
 
     # sparse activation: top-k MLP (efficient_modules.TopKMLP)
-    enable_sparse_activation: bool = False
+    enable_sparse_activation: bool = False  # top-k MLPs in sparse_layers
     sparsity_ratio: float = 0.1  # fraction of the 4 * n_embd hidden units each token keeps
     sparse_layers: str = 'all'  # which layers are top-k MLPs (a pattern, see expand_layers)
     # dynamic routing: mixture-of-experts MLP (efficient_modules.MoEMLP)
-    enable_dynamic_routing: bool = False
-    num_experts: int = 4  # each expert is a full-size MLP
+    enable_dynamic_routing: bool = False  # mixture-of-experts MLPs in moe_layers
+    num_experts: int = 4  # experts per MoE layer, each a full-size MLP
     experts_top_k: int = 1  # experts per token: 1 (Switch) or 2 (weights renormalised to sum to 1)
     router_aux_loss_weight: float = 0.01  # Switch load-balancing loss E * sum_i f_i * P_i
     router_z_loss_weight: float = 0.001  # ST-MoE z-loss: mean logsumexp(router logits)^2
     moe_layers: str = 'all'  # which layers are MoE MLPs
 
+    # the strong dense baseline: the cheap modern pieces of the modded-nanogpt speedrun (docs/strong_baseline.md),
+    # with GPTConfig's mlp_act='relu2'
+    qk_norm: bool = False  # normalise q and k per head (LayerNorm without weights) before positions and attention
+    zero_init_proj: bool = False  # start every output projection (c_proj of attention and MLP) at zero
+    tie_embeddings: bool = True  # True: the token embedding is the LM head's weight (nanoGPT); False: two tables
+    value_embeds: str = 'none'  # layers whose values add a token table's row (a layer pattern, e.g. '0,-1')
+    smear: bool = False  # each token's embedding adds a gated share of the previous token's (one-token look-back)
+    logit_softcap: float = 0.0  # logits become c·tanh(logits / c) for this c (e.g. 30); 0: off
+
     def __post_init__(self, enable_adaptive_compute=None):
+        super().__post_init__()
         if enable_adaptive_compute and self.adaptive_compute == 'none':
             self.adaptive_compute = 'act'
         self.check_local_attention()
         self.check_hierarchy_and_act()
         self.check_mixture_of_depths()
         self.check_sparse_and_routing()
+        self.check_strong_baseline()
         if self.enable_early_exit:
             if self.exit_criterion not in CRITERIA:
                 raise ValueError(f"exit_criterion {self.exit_criterion!r}: use one of {', '.join(CRITERIA)}")
-            if not any(expand_layers(self.exit_layers, self.n_layer)[:-1]):
-                raise ValueError(f"exit_layers {self.exit_layers!r} names no layer before the last: nothing could exit")
+            if not any(exit_layers(self)):
+                raise ValueError(f"exit_layers {self.exit_layers!r} names no layer before the last"
+                                 + (" among the full-resolution layers after the hourglass (a token exits only there: "
+                                    "the shortened layers run once per group whatever it exits at)"
+                                    if self.enable_hierarchical else "") + ": nothing could exit")
+            if self.exit_loss_schedule not in SCHEDULES:
+                raise ValueError(f"exit_loss_schedule {self.exit_loss_schedule!r}: use one of {', '.join(SCHEDULES)}")
             if self.early_exit_loss_weight < 0 or not 0 <= self.layer_dropout < 1:
                 raise ValueError("early_exit_loss_weight must be >= 0 and layer_dropout in [0, 1)")
             if not 0 <= self.spec_exit_layer < self.n_layer or self.spec_draft_tokens < 1:
@@ -118,12 +137,9 @@ class EfficientGPTConfig(GPTConfig):
         if self.ponder_cost < 0 or not 0 <= self.act_epsilon < 1:
             raise ValueError("ponder_cost must be >= 0 and act_epsilon in [0, 1)")
         expand_layers(self.act_layers, self.n_layer)  # a bad pattern fails here, not at build time
-        if self.enable_early_exit and (self.enable_hierarchical or self.adaptive_compute == 'act'):
-            raise ValueError("enable_early_exit does not combine with enable_hierarchical or ACT "
-                             "yet: the early-exit decode engines run the layers one by one at full resolution")
-        if self.enable_early_exit and (self.enable_local_attention or self.pos_emb == 'rope'):
-            raise ValueError("enable_early_exit does not combine with local attention or rope yet: its K/V propagation "
-                             "writes plain full caches without rotary positions")
+        if self.enable_early_exit and self.adaptive_compute == 'act':
+            raise ValueError("enable_early_exit does not combine with ACT: both decide per token how deep it goes, and "
+                             "an exiting token's K/V cannot stand in for the ponder steps a skipped layer never ran")
 
     def check_mixture_of_depths(self):
         if self.adaptive_compute not in ('none', 'act', 'mod'):
@@ -162,6 +178,33 @@ class EfficientGPTConfig(GPTConfig):
         if self.enable_sparse_activation and self.enable_dynamic_routing and both:
             raise ValueError(f"layers {both} are both top-k (sparse_layers={self.sparse_layers!r}) and MoE "
                              f"(moe_layers={self.moe_layers!r}): a layer has one MLP, choose disjoint patterns")
+
+
+    def check_strong_baseline(self):
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0: off), not {self.logit_softcap}")
+        chosen = expand_layers(self.value_embeds, self.n_layer)  # a bad pattern fails here
+        shortened = expand_layers(self.hierarchy_layers, self.n_layer) if self.enable_hierarchical else ()
+        both = [i for i, (v, s) in enumerate(zip(chosen, shortened)) if v and s]
+        if both:
+            raise ValueError(f"value_embeds names shortened layers {both}: their positions are groups, not tokens")
+        if (any(chosen) or self.smear) and self.enable_early_exit:
+            raise ValueError("value_embeds and smear do not combine with enable_early_exit yet: its decode engines "
+                             "run the layers without the model's forward, which feeds them")
+        if (any(chosen) or self.smear or self.qk_norm) and self.adaptive_compute == 'mod':
+            raise ValueError("qk_norm, value_embeds and smear do not combine with adaptive_compute='mod' yet: its "
+                             "routed layers see a subset of the tokens and position q and k themselves")
+
+
+def exit_layers(config):
+    """Where a token may exit: exit_layers before the last layer, and with an hourglass only after it (its
+    shortened layers run once per group whatever a token exits at)."""
+    L = config.n_layer
+    after = 0
+    if config.enable_hierarchical:
+        shortened = [i for i, s in enumerate(expand_layers(config.hierarchy_layers, L)) if s]
+        after = shortened[-1] + 1 if shortened else 0
+    return tuple(e and i >= after for i, e in enumerate(expand_layers(config.exit_layers, L)[:-1])) + (False,)
 
 
 def expand_layers(pattern, n_layer):
@@ -212,7 +255,7 @@ class LayerPlan:
         route = expand_layers(config.mod_layers, L) if config.adaptive_compute == 'mod' else off
         attn = tuple(('routed' if routed else 'full' if is_full else 'local') + positions
                      for is_full, routed in zip(full, route))
-        exits = expand_layers(config.exit_layers, L)[:-1] + (False,) if config.enable_early_exit else off
+        exits = exit_layers(config) if config.enable_early_exit else off
         shortened = expand_layers(config.hierarchy_layers, L) if config.enable_hierarchical else off
         ponder = expand_layers(config.act_layers, L) if config.adaptive_compute == 'act' else off
         sparse = expand_layers(config.sparse_layers, L) if config.enable_sparse_activation else off
@@ -221,9 +264,9 @@ class LayerPlan:
         return cls(attn=attn, ffn=ffn, exit=exits, shortened=shortened, ponder=ponder, route=route)
 
     def runs(self):
-        """(pre, shortened, post) layer ranges: everything is 'pre' without an hourglass."""
+        """(pre, shortened, post) layer ranges: everything is 'post' without an hourglass."""
         s = [i for i, v in enumerate(self.shortened) if v]
-        a, b = (s[0], s[-1] + 1) if s else (len(self.shortened),) * 2
+        a, b = (s[0], s[-1] + 1) if s else (0, 0)
         return range(a), range(a, b), range(b, len(self.shortened))
 
 
@@ -263,6 +306,8 @@ class EfficientGPT(GPT):
         # early exit: the exit loss through the shared ln_f and lm_head, and CALM's exit classifiers
         self.exit_heads = ExitHeads(config, self.plan) if config.enable_early_exit else None
         self.exit_losses = self.exit_heads.losses if config.enable_early_exit else no_losses
+        if config.enable_early_exit:
+            self.set_progress = self.exit_heads.set_progress
         # hourglass and ACT
         for m in self.modules():  # GPT's init zeroed every bias; h = sigmoid(1) = 0.73: two steps per token at first
             if isinstance(m, Ponder):
@@ -272,6 +317,40 @@ class EfficientGPT(GPT):
         # rotary positions and every layer local (the shortened ones too): nothing depends on the position
         # count, so the model streams past block_size (the hourglass state keeps only its last groups)
         self.streams = all(kind == 'local_rope' for kind in self.plan.attn)
+
+        # the strong dense baseline's input and output pieces (built last: with them off, init is GPT's exactly)
+        if not config.tie_embeddings:  # a token table of its own; the LM head keeps lm_head.weight
+            self.transformer.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.02)
+        if config.zero_init_proj:  # every block starts as the identity; the projections learn from step one
+            for pn, p in self.named_parameters():
+                if pn.endswith('c_proj.weight'):
+                    nn.init.zeros_(p)
+        value_layers = [i for i, v in enumerate(expand_layers(config.value_embeds, config.n_layer)) if v]
+        self.value_embeds = ValueEmbeddings(config, value_layers) if value_layers else nn.Identity()
+        if value_layers:
+            self.value_embeds.attach([getattr(b, 'block', b) for b in self.transformer.h])  # a Ponder's block
+        self.smear = Smear(config, slot=config.n_layer) if config.smear else keep_input  # state after the layers'
+
+    def make_head(self):
+        c = self.config
+        return SoftCapHead(c.n_embd, c.vocab_size, c.logit_softcap) if c.logit_softcap else super().make_head()
+
+    def get_num_params(self, non_embedding=True):
+        """GPT's count; non_embedding also leaves out the tables that are only looked up: an untied token table and
+        the value embeddings (a tied token table is the LM head's weight, a matmul)."""
+        n = super().get_num_params(non_embedding)
+        if non_embedding:
+            n -= sum(t.weight.numel() for t in self.lookup_tables())
+        return n
+
+    def lookup_tables(self):
+        """The embedding tables a token reads one row of, beyond nanoGPT's: an untied wte, the value embeddings."""
+        return ([] if self.config.tie_embeddings else [self.transformer.wte]) + list(getattr(self.value_embeds, 'tables', []))
+
+    def input_cost(self):
+        """Work per token before the layers beyond nanoGPT's: rows of the lookup tables, the smear gate."""
+        return lookup_cost(*self.lookup_tables()) + (self.smear.cost() if isinstance(self.smear, Smear) else Cost())
 
     def embed_tokens(self, idx, start=0):
         """Token embeddings only (rotary positions): no position table, so no block_size limit. (B, T, C)"""
@@ -305,14 +384,21 @@ class EfficientGPT(GPT):
 
     def run_layers(self, x, cache=None):
         """The blocks in order; with an hourglass the shortened run sits between the pre and post runs."""
-        h, caches = self.transformer.h, cache or [None] * (len(self.transformer.h) + 1)
+        caches = cache or [None] * (len(self.transformer.h) + 1)
+        x = self.run_trunk(self.smear(x, cache), caches)
+        for i in self.post:
+            x = self.transformer.h[i](x, caches[i])
+        return x
+
+    def run_trunk(self, x, caches):
+        """The layers before the post run: the pre run and the hourglass, which every token runs at decode
+        whatever it exits at (nothing without an hourglass: then every layer is in the post run)."""
+        h = self.transformer.h
         for i in self.pre:
             x = h[i](x, caches[i])
         if self.hourglass is not None:  # (slicing the ModuleList would build a new module every call)
             x = self.hourglass(x, [h[i] for i in self.shortened],
                                caches[self.shortened.start:self.shortened.stop], caches[-1])
-        for i in self.post:
-            x = h[i](x, caches[i])
         return x
 
     def new_cache(self, batch_size, device=None, dtype=None, rollback=0):
@@ -330,6 +416,8 @@ class EfficientGPT(GPT):
         short_len = groups_closed(c.block_size, c.hierarchy_factor)
         caches = [block.new_cache(cache_maker(i), short_len if self.plan.shortened[i] else c.block_size)
                   for i, block in enumerate(self.transformer.h)]
+        if isinstance(self.smear, Smear):  # at cache[n_layer] (Smear.slot), before the hourglass's
+            caches.append(SmearState(batch_size, c.n_embd, rollback, device, dtype))
         if self.hourglass is not None:
             caches.append(HourglassState(batch_size, c.block_size, c.hierarchy_factor, c.n_embd, device, dtype, rollback))
         return caches
@@ -339,12 +427,17 @@ class EfficientGPT(GPT):
         layer (and the hourglass's upsampling) runs once per k tokens over keys/k groups. Slots count their own
         work as executed: a local layer its window, top-k its k rows, MoE its chosen experts, a pondering layer
         its measured mean steps."""
-        k, total = self.config.hierarchy_factor, self.head_cost()
-        for i, block in enumerate(self.transformer.h):
-            if self.plan.shortened[i]:
-                total = total + block.cost(keys / k) * (1 / k)
-            else:
-                total = total + block.cost(keys)
+        post = sum((self.transformer.h[i].cost(keys) for i in self.post), Cost())
+        return self.input_cost() + self.trunk_cost(keys) + post + self.head_cost()
+
+    def trunk_cost(self, keys):
+        """Work of one token in run_trunk: the pre layers, and the shortened layers and the upsampling once
+        per k tokens over keys/k groups."""
+        h, k, total = self.transformer.h, self.config.hierarchy_factor, Cost()
+        for i in self.pre:
+            total = total + h[i].cost(keys)
+        for i in self.shortened:
+            total = total + h[i].cost(keys / k) * (1 / k)
         if self.hourglass is not None:
             total = total + module_cost(self.hourglass) * (1 / k)
         return total
@@ -359,6 +452,7 @@ class EfficientGPT(GPT):
             c.truncate(n)
 
     def forward(self, idx, targets=None, cache=None):
+        self.value_embeds(idx)  # the value embeddings' rows of these tokens, for their layers (no-op when off)
         logits, loss = super().forward(idx, targets, cache)
         self.aux = self.exit_losses(self, targets, logits)  # {name: (weight, value)}
         return logits, loss
@@ -367,7 +461,7 @@ class EfficientGPT(GPT):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None,
                  decode='full', stats=None, **policy):
         """GPT.generate with a choice of decode engine (early_exit.DECODE): 'full' runs every layer (the
-        baseline's cached path, exactly); 'early_exit' and 'speculative' (batch 1, cached) skip work.
+        baseline's cached path, exactly); 'early_exit' and 'speculative' (cached, any batch) skip work.
         stats: a dict that receives what the engine measured (exit layers, acceptance, layers run).
         policy: the engine's settings, overriding the config's (early_exit: criterion, threshold;
         speculative: draft_layers, draft_tokens), so a sweep never edits the model."""
@@ -375,8 +469,8 @@ class EfficientGPT(GPT):
             return super().generate(idx, max_new_tokens, temperature, top_k, use_cache, generator)
         if decode not in DECODE:
             raise ValueError(f"decode {decode!r}: use 'full' or one of {', '.join(DECODE)}")
-        if not self.config.enable_early_exit or idx.size(0) != 1 or not use_cache:
-            raise ValueError(f"decode={decode!r} needs enable_early_exit, batch 1 and use_cache=True")
+        if not self.config.enable_early_exit or not use_cache:
+            raise ValueError(f"decode={decode!r} needs enable_early_exit and use_cache=True")
         return DECODE[decode](self, idx, max_new_tokens, temperature, top_k, generator,
                               {} if stats is None else stats, **policy)
 
