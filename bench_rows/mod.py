@@ -3,6 +3,7 @@ well the causal predictor agrees with training's top-k, speed (decode batch 1 an
 decode-consistent validation loss."""
 
 import torch
+from torch.nn import functional as F
 
 from bench_rows.protocol import time_pair, train_step, val_memmap
 from efficient_modules import MixtureOfDepths, set_mod_routing
@@ -42,6 +43,23 @@ def predictor_agreement(model, layers, data, T, batch, windows, device):
     return [a / n for a in agree], [h / t for h, t in zip(hits, top)]
 
 
+@torch.no_grad()
+def difficulty(model, layers, baseline, data, T, batch, windows, device):
+    """Does routing follow difficulty? Per routed layer, the baseline's mean loss on the tokens that ran it and on
+    those that skipped it (decode's decisions: the eval forward routes as decode does)."""
+    ran, skipped = [[] for _ in layers], [[] for _ in layers]
+    for x, y in window_batches(data, T, batch, windows, device):
+        base_loss = F.cross_entropy(baseline(x, y)[0].transpose(1, 2).float(), y, reduction='none')  # (B, T)
+        model(x)
+        for j, i in enumerate(layers):
+            chosen = model.transformer.h[i].chosen
+            ran[j].append(base_loss[chosen])
+            skipped[j].append(base_loss[~chosen])
+    mean = lambda parts: round(torch.cat(parts).mean().item(), 4)  # noqa: E731
+    return dict(baseline_loss_of_tokens_run_by_layer=[mean(p) for p in ran],
+                baseline_loss_of_tokens_skipped_by_layer=[mean(p) for p in skipped])
+
+
 def training_steps(model, x):
     """A training step (forward with training's top-k routing, backward) for time_pair."""
     step = train_step(model, x)
@@ -78,7 +96,8 @@ def mixture_of_depths(b):
                        top_k_tokens_predicted_by_layer=[round(r, 4) for r in recall])
         if b.baseline is not None:
             base = evaluate_loss(b.baseline, data, T, b.batch, windows, b.device)
-            figures.update(baseline_val_loss=base, val_loss_delta=(loss - base) / base)
+            figures.update(baseline_val_loss=base, val_loss_delta=(loss - base) / base,
+                           **difficulty(m, layers, b.baseline, data, T, b.batch, windows, b.device))
     if b.baseline is None:
         return figures
     gen = lambda model, prompt: lambda: model.generate(prompt, b.new_tokens, temperature=0)  # noqa: E731

@@ -86,9 +86,11 @@ def test_router_learns_from_the_lm_loss_and_the_predictor_loss(tiny_args):
     router = model.transformer.h[1].router.weight
     loss.backward(retain_graph=True)
     assert router.grad.abs().sum() > 0  # through the router weight w = sigmoid(logit)
-    router.grad = None
+    model.zero_grad()
     aux['mod_router'][1].backward()
     assert router.grad.abs().sum() > 0
+    # the predictor's loss trains the routers only, not the residual stream they read
+    assert all(p.grad is None or not p.grad.any() for n, p in model.named_parameters() if 'router' not in n)
 
 
 @pytest.mark.parametrize('pos_emb', ['learned', 'rope'])
@@ -244,6 +246,7 @@ def test_bench_row_against_a_baseline(tmp_path, tiny_args):
     assert row['tokens_scored'] == 3 * 32 and row['routed_layers'] == '1,3'
     assert abs(row['decode_consistent_val_loss'] - row['forward_val_loss']) < 1e-4
     assert all(0 <= a <= 1 for a in row['predictor_agrees_with_top_k_by_layer'])
+    assert len(row['baseline_loss_of_tokens_run_by_layer']) == len(row['baseline_loss_of_tokens_skipped_by_layer']) == 2
     assert 0 < row['layer_steps_run_per_token'] < 4 and 0 < row['decode_fraction_run'] <= 1
     for key in ('b1_vs_baseline', 'b2_vs_baseline', 'train_step_vs_baseline'):
         assert row[key]['median'] > 0
