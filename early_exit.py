@@ -90,7 +90,7 @@ class ExitHeads(nn.Module):
         self.weights = {l: config.early_exit_loss_weight * (l + 1) / depth for l in exits}
         self.classifiers = nn.ModuleDict({str(l): nn.Linear(config.n_embd + 2, 1) for l in exits})
         self.schedule, self.factor = SCHEDULES[config.exit_loss_schedule], SCHEDULES[config.exit_loss_schedule](0.0)
-        self.detach = config.exit_detach_trunk
+        self.detach, self.classifier_weight = config.exit_detach_trunk, config.exit_classifier_loss_weight
 
     def set_progress(self, fraction):
         self.factor = self.schedule(fraction)
@@ -109,7 +109,7 @@ class ExitHeads(nn.Module):
             # the classifier learns from detached features: it never changes what the model predicts
             score = self.classifiers[str(l)](exit_features(x, logits_l).detach()).squeeze(-1)  # (B, T)
             agree = (logits_l.argmax(dim=-1) == final_choice).float()
-            aux[f'exit{l + 1}_clf'] = (1.0, F.binary_cross_entropy_with_logits(score, agree))
+            aux[f'exit{l + 1}_clf'] = (self.classifier_weight, F.binary_cross_entropy_with_logits(score, agree))
         return aux
 
 
