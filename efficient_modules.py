@@ -543,6 +543,15 @@ def append_kv(attn, x, cache):
     attn.store(attn.heads(k), attn.heads(v), cache)
 
 
+class RoutingStats:
+    """What a MixtureOfDepths router decided: the tokens that ran the block and the positions seen in eval since
+    reset_counts(), and the last forward's decisions and logits."""
+
+    def __init__(self):
+        self.tokens_run = self.positions_seen = 0
+        self.chosen = self.logits = None
+
+
 class MixtureOfDepths(nn.Module):
     """Mixture-of-Depths (Raposo et al. 2024) around one block: a router (a Linear C -> 1) scores every token and only
     the tokens it picks run the block; the others pass on the residual stream unchanged. A token that runs gets
@@ -564,8 +573,7 @@ class MixtureOfDepths(nn.Module):
         self.router_loss_weight = config.mod_router_loss_weight
         self.topk_in_eval = False  # outside training, route by top-k as training does (set_mod_routing)
         self.aux = {}
-        self._chosen = self.logits = None  # which tokens ran the block (see chosen), the router logits (B, T)
-        self.reset_counts()
+        self.stats = RoutingStats()
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -597,15 +605,21 @@ class MixtureOfDepths(nn.Module):
                                        F.binary_cross_entropy_with_logits(own, chosen.to(logits.dtype)))}
         else:
             self.aux = {}
-            self.tokens_run, self.positions_seen = self.tokens_run + sum(counts), self.positions_seen + B * T
-        self._chosen, self.logits = chosen, logits.detach()
+            self.stats.tokens_run += sum(counts)
+            self.stats.positions_seen += B * T
+        self.stats.chosen, self.stats.logits = chosen, logits.detach()
         return y
 
     @property
     def chosen(self):
         """(B, T) bool: which tokens ran the block in the last forward."""
-        c = self._chosen
+        c = self.stats.chosen
         return torch.tensor([[c]]) if isinstance(c, bool) else c
+
+    @property
+    def logits(self):
+        """(B, T) router logits of the last forward (None after a single decode token, decided on the host)."""
+        return self.stats.logits
 
     def run(self, x, logits, chosen, idx, counts, cache):
         """The block over the chosen tokens of x (B, T, C) and some padding: every token (idx None), or those at
@@ -629,8 +643,10 @@ class MixtureOfDepths(nn.Module):
         host, decides, so a skipped token costs the router alone."""
         logit = torch.addmv(self.router.bias, self.router.weight, x.view(-1)).item()
         went = logit > 0
-        self._chosen, self.logits = went, None
-        self.tokens_run, self.positions_seen = self.tokens_run + went, self.positions_seen + 1
+        stats = self.stats  # a plain object: no nn.Module attribute hooks on this per-token path
+        stats.chosen, stats.logits = went, None
+        stats.tokens_run += went
+        stats.positions_seen += 1
         y = torch.lerp(x, self.block(x, cache.select(None)), 1 / (1 + math.exp(-logit))) if went else x
         cache.advance([[went]])
         return y
@@ -639,11 +655,12 @@ class MixtureOfDepths(nn.Module):
         return self.block.new_cache(make_cache, max_len)
 
     def reset_counts(self):
-        self.tokens_run, self.positions_seen = 0, 0  # tokens that ran the block, and positions seen, in eval
+        self.stats.tokens_run = self.stats.positions_seen = 0
 
     def fraction_run(self):
         """Fraction of the positions seen in eval since reset_counts() whose token ran the block; None before any."""
-        return self.tokens_run / self.positions_seen if self.positions_seen else None
+        s = self.stats
+        return s.tokens_run / s.positions_seen if s.positions_seen else None
 
     def cost(self, keys):
         """The router, then the block for the measured fraction f of tokens (fraction_run(); the capacity before
