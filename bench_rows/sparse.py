@@ -88,7 +88,8 @@ def mlp_micro(b):
     fig, calls = dict(sparsity_ratio=b.model.config.sparsity_ratio, calls_per_run=100), 100
     g = torch.Generator().manual_seed(b.seed)
     for C in (128, 384, 768):
-        config = EfficientGPTConfig(n_embd=C, bias=b.model.config.bias, sparsity_ratio=b.model.config.sparsity_ratio)
+        config = EfficientGPTConfig(n_embd=C, n_head=1, bias=b.model.config.bias,
+                                    sparsity_ratio=b.model.config.sparsity_ratio)
         dense = MLP(config).to(b.device).eval()
         sparse = TopKMLP(config).to(b.device).eval()
         sparse.load_state_dict(dense.state_dict())
