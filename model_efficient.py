@@ -40,7 +40,7 @@ class EfficientGPTConfig(GPTConfig):
     exit_detach_trunk: bool = False  # exit losses train only the shared ln_f and lm_head, never the layers below
     # the learned criterion's classifiers: detached, yet at weight 1 their gradients join the one clipped norm and
     # cost the LM 3% (docs/early_exit.md); Adam trains them as well at 0.01
-    exit_classifier_loss_weight: float = 0.01
+    exit_classifier_loss_weight: float = 0.01  # the learned criterion's classifiers' weight in the training loss
     layer_dropout: float = 0.0  # LayerSkip's layer dropout: skip rate of the last layer, rising linearly from 0
     spec_exit_layer: int = 0  # self-speculative decode drafts with this many layers; 0: half of n_layer
     spec_draft_tokens: int = 4  # tokens drafted per verification pass
