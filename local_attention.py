@@ -92,7 +92,7 @@ class Rotary(nn.Module):
 
     def __init__(self, head_size, base=10000.0, table_len=0, norm=None):
         super().__init__()
-        self.norm = norm or keep
+        self.norm = norm
         assert head_size % 2 == 0, "rotary positions need an even head size"
         inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
         # derived, so not in checkpoints: (hs/2,), and (table_len, hs) full-width cos and signed sin
@@ -100,6 +100,7 @@ class Rotary(nn.Module):
         cos, sin = self.angles(torch.arange(table_len, dtype=torch.float32))
         self.register_buffer('cos', cos, persistent=False)
         self.register_buffer('sin', sin, persistent=False)
+        self.half, self.base, self.table_len = head_size // 2, base, table_len
 
     def angles(self, pos):
         """cos and signed sin (T, hs) of positions pos (T,): x·cos + swap_halves(x)·sin rotates x."""
@@ -110,14 +111,28 @@ class Rotary(nn.Module):
         """qk (..., T, hs): heads at absolute positions start .. start+T-1 (q and k stacked, or keys alone),
         normalised and rotated in one chain of ops: x·cos + swap_halves(x)·sin."""
         T = qk.size(-2)
-        if start + T <= self.cos.size(0):
+        if T == 1 and start < self.table_len:  # one decoded token: one matmul by its position's rotation
+            return (qk if self.norm is None else self.norm(qk)) @ self.turn(start)
+        if start + T <= self.table_len:
             cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         else:
             cos, sin = self.angles(torch.arange(start, start + T, device=qk.device, dtype=torch.float32))
-        qk = self.norm(qk)
-        swapped = qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
-        out = torch.addcmul(qk * cos, swapped, sin)
+        if self.norm is not None:
+            qk = self.norm(qk)
+        out = torch.addcmul(qk * cos, qk.roll(self.half, -1), sin)  # rolled by half a head: (x2, x1)
         return out if out.dtype == qk.dtype else out.to(qk.dtype)  # float32 tables: back to bf16 under autocast
+
+    turns = {}  # (half head size, base, device): {position: (hs, hs) rotation}, shared by every layer and model
+
+    def turn(self, t):
+        """The (hs, hs) matrix M with x @ M = x·cos + swap_halves(x)·sin at position t, made at its first use: a
+        decode step rotates with one matmul instead of five ops (each op's overhead is the cost at batch 1)."""
+        made = Rotary.turns.setdefault((self.half, self.base, self.cos.device), {})
+        if t not in made:
+            with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable in training too
+                cos, sin = self.cos[t], self.sin[t]  # (hs,)
+                made[t] = torch.diag(cos) + torch.diag(sin).roll(-self.half, 0)  # row i - hs/2 of column i: sin
+        return made[t]
 
     def keys(self, k, start=0):
         """k (B, nh, T, hs) alone at positions start .. start+T-1 (keys computed outside attention)."""

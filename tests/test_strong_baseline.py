@@ -221,3 +221,15 @@ def test_bad_optimizer_or_schedule_is_an_error(tmp_path, tiny_data):  # noqa: F8
     for arg in ('--optimizer=sgd', '--lr_schedule=linear', '--wsd_decay_frac=0'):
         r = train(tmp_path / 'out', tiny_data, arg, check=False)
         assert r.returncode == 2 and arg[2:].split('=')[0] in r.stderr
+
+
+@pytest.mark.parametrize('norm', [None, 'layer'])
+def test_rotary_decode_matmul_equals_the_batched_rotation(norm):
+    from local_attention import Rotary, head_norm
+    rot = Rotary(16, table_len=40, norm=head_norm if norm else None)
+    qk = torch.randn(2, 1, 3, 40, 16) * 3
+    batched = rot.position(qk)
+    for t in (0, 1, 17, 39):
+        torch.testing.assert_close(rot.position(qk[..., t:t + 1, :], t), batched[..., t:t + 1, :])
+    past = rot.position(qk[..., :1, :], 45)  # past the table: computed, not tabled
+    torch.testing.assert_close(past, Rotary(16, table_len=50, norm=rot.norm).position(qk[..., :1, :], 45))
