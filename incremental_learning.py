@@ -4,17 +4,22 @@ Three mechanisms against catastrophic forgetting, each off at its neutral settin
 
 - EWC (Kirkpatrick 2017): after a task, a diagonal Fisher F says how much each parameter mattered to it;
   training on later tasks adds λ·Σ F·(θ − θ*)², a spring that pulls the important parameters back to θ*.
-  Online EWC (Schwarz 2018) keeps one decayed sum of Fishers, F ← γ·F + F_new, anchored at the latest θ*.
+  Kirkpatrick's form keeps one such penalty per earlier task, each at its own θ*; online EWC (Schwarz 2018)
+  keeps one decayed sum of Fishers, F ← γ·F + F_new, anchored at the latest θ*. The importance F may also
+  be Synaptic Intelligence's path integral (Zenke 2017) or Memory Aware Synapses' output sensitivity
+  (Aljundi 2018), which turns the same penalty into SI or MAS.
 - Replay (Rolnick 2019, Chaudhry 2019): a buffer of earlier tasks' training windows, filled by reservoir
   sampling over every window trained on, replaces round(replay_ratio·batch_size) windows of each batch.
 - Importance-adaptive learning rates: each parameter's update is scaled by 1/(1 + s·F/mean(F)), so the
-  parameters that mattered to earlier tasks learn more slowly (s = adaptive_lr_strength).
+  parameters that mattered to earlier tasks learn more slowly (s = adaptive_lr_strength), and the top
+  protect_fraction of all elements by importance have their updates scaled by protect_scale (0: frozen).
 - Metrics: R[i][j] = validation loss on task j after training stage i (fixed windows, evaluate.py),
   forgetting per task and backward transfer.
 
 Tasks are data_dir/{task}_train.bin and {task}_val.bin over one vocabulary (data/continual_char). A stage is
 one task ('A,B,C': three stages) or several mixed in equal shares ('A+B': joint training, the upper bound).
-Each stage runs iters_per_task iterations with its own warm-up and cosine decay (re-warming, Ibrahim 2024).
+Each stage runs iters_per_task iterations with its own warm-up and cosine decay (re-warming, Ibrahim 2024),
+its peak lowered by stage_lr_peak after the first stage, or none: stage_lr_schedule='constant' keeps min_lr.
 """
 
 import os
@@ -81,6 +86,25 @@ def estimate_fisher(model, batches, generator):
         tokens += y.numel()
     model.train(was_training)
     return {n: f / tokens for n, f in fisher.items()}
+
+
+def estimate_mas(model, batches):
+    """Memory Aware Synapses' importance (Aljundi 2018) {name: tensor shaped like the parameter}: the mean over
+    batches of |∇ mean_t ||p_θ(·|x_≤t)||²|, how much the model's output moves with each parameter; no labels.
+    The output is the softmax, not the logits: a shift of every logit changes their norm but no prediction."""
+    was_training = model.training
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    mas = {n: torch.zeros_like(p) for n, p in params.items()}
+    for x in batches:
+        with torch.enable_grad():
+            probs = F.softmax(model(x, x)[0].float(), dim=-1)  # (B, T, V)
+            grads = torch.autograd.grad(probs.pow(2).sum(-1).mean(), list(params.values()), allow_unused=True)
+        for m, g in zip(mas.values(), grads):
+            if g is not None:
+                m += g.float().abs()
+    model.train(was_training)
+    return {n: m / len(batches) for n, m in mas.items()}
 
 
 def ewc_penalty(model, anchor, fisher):
@@ -156,10 +180,10 @@ def format_report(tasks, stages, R, learned):
 
 
 class IncrementalLearner:
-    """The task sequence a training run follows, and what it keeps between tasks (EWC's Fisher and
-    anchor, the replay buffer, the R matrix). train_efficient.py calls, per iteration: train_batch,
-    aux_losses (added to the loss), scaled_update (around the optimizer step) and after_step; its
-    loss estimates call get_batch."""
+    """The task sequence a training run follows, and what it keeps between tasks (the importance, EWC's
+    anchors, the replay buffer, the R matrix). train_efficient.py calls, per iteration: lr, train_batch,
+    aux_losses (added to the loss), scaled_update (around the optimizer step) and after_step; its loss
+    estimates call get_batch."""
 
     def __init__(self, data_dir, meta, config, device='cpu'):
         c = config
@@ -170,15 +194,25 @@ class IncrementalLearner:
         if unknown:
             have = ', '.join(known) or "none (its meta.json lists no 'tasks')"
             raise ValueError(f"incremental_tasks names {', '.join(unknown)}, but {data_dir} has tasks: {have}")
+        uses_importance = c['ewc_lambda'] > 0 or c['adaptive_lr_strength'] > 0 or c['protect_fraction'] > 0
         checks = [(c['iters_per_task'] > 0, "iters_per_task must be > 0"),
                   (c['ewc_lambda'] >= 0, "ewc_lambda must be >= 0"),
                   (0 <= c['ewc_gamma'] <= 1, "ewc_gamma must be in [0, 1]"),
+                  (c['ewc_mode'] in ('online', 'per_task'), f"ewc_mode must be 'online' or 'per_task', not {c['ewc_mode']!r}"),
+                  (c['ewc_mode'] == 'online' or c['ewc_gamma'] == 1, "ewc_gamma applies to ewc_mode='online' only"),
+                  (c['importance'] in ('fisher', 'mas', 'si'), f"importance must be 'fisher', 'mas' or 'si', not {c['importance']!r}"),
                   (0 <= c['replay_ratio'] < 1, "replay_ratio must be in [0, 1)"),
                   (c['replay_buffer_size'] >= 0 and c['fisher_batches'] >= 0, "replay_buffer_size and fisher_batches must be >= 0"),
                   (c['adaptive_lr_strength'] >= 0, "adaptive_lr_strength must be >= 0"),
+                  (0 <= c['protect_fraction'] < 1 and 0 <= c['protect_scale'] <= 1,
+                   "protect_fraction must be in [0, 1) and protect_scale in [0, 1]"),
+                  (c['stage_lr_schedule'] in ('rewarm', 'constant'),
+                   f"stage_lr_schedule must be 'rewarm' or 'constant', not {c['stage_lr_schedule']!r}"),
+                  (c['stage_lr_peak'] > 0, "stage_lr_peak must be > 0"),
                   (c['replay_ratio'] == 0 or c['replay_buffer_size'] > 0, "replay_ratio > 0 needs replay_buffer_size > 0"),
-                  (c['fisher_batches'] > 0 or c['ewc_lambda'] == 0 == c['adaptive_lr_strength'],
-                   "ewc_lambda and adaptive_lr_strength need a Fisher: set fisher_batches > 0")]
+                  (c['fisher_batches'] > 0 or c['importance'] == 'si' or not uses_importance,
+                   f"ewc_lambda, adaptive_lr_strength and protect_fraction need importance={c['importance']!r} "
+                   "measured: set fisher_batches > 0 (or importance='si', measured during training)")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -187,6 +221,8 @@ class IncrementalLearner:
         self.block_size, self.batch_size = c['block_size'], c['batch_size']
         self.ewc_lambda, self.ewc_gamma, self.fisher_batches = c['ewc_lambda'], c['ewc_gamma'], c['fisher_batches']
         self.adaptive_lr_strength = c['adaptive_lr_strength']
+        # an importance is measured after each stage when anything uses it (or, for the Fisher and MAS, when asked)
+        self.measures = uses_importance or (c['fisher_batches'] > 0 and c['importance'] != 'si')
         # round half up, so that e.g. 0.25 of 12 is exactly 3 replayed windows in every batch
         self.n_replay = int(c['replay_ratio'] * self.batch_size + 0.5)
         # windows per R entry: None for the whole split; with final_eval_windows=0 no R matrix is measured
@@ -198,14 +234,26 @@ class IncrementalLearner:
                     raise ValueError(f"{task}_{split}.bin of {data_dir} has {tokens:,} tokens, too few for one window of "
                                      f"block_size={self.block_size} (that needs block_size + 1)")
         self.buffer = ReplayBuffer(c['replay_buffer_size'], self.block_size + 1, c['seed']) if c['replay_buffer_size'] else None
-        self.stage, self.R, self.fisher, self.anchor, self.update_scale = 0, [], None, None, None
+        self.stage, self.R, self.diagnostics = 0, [], []
+        # importance: the γ-decayed sum over finished stages (adaptive lr, protection); terms: EWC's (anchor,
+        # importance) pairs, one per earlier stage (per_task) or one (online); si: the running path integral
+        self.importance, self.terms, self.update_scale = None, [], None
+        self.si_omega, self.si_start = None, None
 
     def data(self, task, split):
         return np.memmap(os.path.join(self.data_dir, f'{task}_{split}.bin'), dtype=np.uint16, mode='r')
 
-    def lr_iter(self, iter_num):
-        """Where iter_num is in the learning-rate schedule, which restarts with every stage."""
-        return iter_num % self.iters_per_task
+    def lr(self, iter_num, schedule):
+        """The learning rate at iter_num: schedule(it) (warm-up and decay over one stage) restarted every stage.
+        After the first stage, 'rewarm' lowers its peak to stage_lr_peak·learning_rate (min_lr stays),
+        'constant' stays at min_lr: no re-warming (Ibrahim 2024's baseline)."""
+        stage, it = divmod(iter_num, self.iters_per_task)
+        if stage == 0:
+            return schedule(it)
+        min_lr = self.config['min_lr']
+        if self.config['stage_lr_schedule'] == 'constant':
+            return min_lr
+        return min_lr + self.config['stage_lr_peak'] * (schedule(it) - min_lr)
 
     def stage_windows(self, split, n, generator):
         """[(task index, windows (k, T + 1))]: n random windows of the current stage, its tasks in equal shares."""
@@ -235,26 +283,41 @@ class IncrementalLearner:
         return self.xy(torch.cat([w for _, w in new] + ([replayed] if replayed is not None else [])))
 
     def aux_losses(self, model):
-        """{'ewc': (λ, Σ F·(θ − θ*)²)} once a Fisher exists (with λ = 0 it is logged but adds nothing)."""
-        return {'ewc': (self.ewc_lambda, ewc_penalty(model, self.anchor, self.fisher))} if self.fisher else {}
+        """{'ewc': (λ, Σ_terms Σ F·(θ − θ*)²)} once an importance exists (with λ = 0 it is logged but adds nothing)."""
+        return {'ewc': (self.ewc_lambda, sum(ewc_penalty(model, a, f) for a, f in self.terms))} if self.terms else {}
+
+    def tracks_path(self):
+        """Synaptic Intelligence integrates each step's contribution to the loss during every stage but the last."""
+        return self.config['importance'] == 'si' and self.measures and self.stage + 1 < len(self.stages)
 
     @contextmanager
     def scaled_update(self, model):
-        """Importance-adaptive learning rates around the optimizer step: each parameter's update (AdamW's
-        step, weight decay included) is scaled by 1/(1 + s·F/mean(F)), which is exactly a per-element
-        learning rate. Scaling the gradient instead would do nothing: Adam divides it by its own RMS."""
-        if self.update_scale is None:
+        """Around the optimizer step. Importance-adaptive learning rates: each parameter's update (AdamW's step,
+        weight decay included) is scaled element-wise, which is exactly a per-element learning rate; scaling
+        the gradient instead would do nothing, since Adam divides it by its own RMS. Synaptic Intelligence:
+        ω −= g·Δθ, the first-order decrease of the loss this step owes to each parameter (g: the clipped
+        gradient of the whole loss, penalty included)."""
+        si = self.tracks_path()
+        if self.update_scale is None and not si:
             yield
             return
         params = dict(model.named_parameters())
-        before = {n: params[n].detach().clone() for n in self.update_scale}
+        if si and self.si_omega is None:  # the stage's start: the path begins here
+            self.si_start = {n: p.detach().clone() for n, p in params.items()}
+            self.si_omega = {n: torch.zeros_like(p) for n, p in params.items()}
+        names = params if si else self.update_scale
+        before = {n: params[n].detach().clone() for n in names}
         yield
         with torch.no_grad():
-            for n, scale in self.update_scale.items():
-                params[n].sub_(before[n]).mul_(scale).add_(before[n])
+            for n in names:
+                p = params[n]
+                if self.update_scale is not None and n in self.update_scale:
+                    p.sub_(before[n]).mul_(self.update_scale[n]).add_(before[n])
+                if si and p.grad is not None:
+                    self.si_omega[n] -= p.grad * (p - before[n])
 
     def after_step(self, model, iter_num, ctx=None):
-        """At the end of a stage: the R row, then (unless it was the last) the Fisher, anchor and the
+        """At the end of a stage: the R row, then (unless it was the last) the importance, anchor and the
         next stage. Returns the R row as text, or None mid-stage."""
         if iter_num % self.iters_per_task:
             return None
@@ -263,30 +326,72 @@ class IncrementalLearner:
             self.R.append([evaluate_loss(model, self.data(t, 'val'), self.block_size, max_windows=self.eval_windows,
                                          device=self.device, ctx=ctx) for t in self.tasks])
             row += ": val loss " + ", ".join(f"{t} {v:.4f}" for t, v in zip(self.tasks, self.R[-1]))
+        if self.importance is not None:
+            self.diagnostics.append(self.where_it_moved(model))
+            d = self.diagnostics[-1]
+            row += (f"; top 10% by importance: {d['importance']:.0%} of it, {d['movement']:.0%} of Σ(θ − θ*)², "
+                    f"{d['penalty']:.0%} of Σ F·(θ − θ*)²")
         if self.stage + 1 < len(self.stages):
-            if self.fisher_batches:
+            if self.measures:
                 self.consolidate(model)
             self.stage += 1
         return row
 
+    def where_it_moved(self, model, top=0.1):
+        """Why protection does or does not protect: the share held by the top `top` fraction of elements (by
+        accumulated importance F) of F itself, of the movement Σ(θ − θ*)² since the latest anchor, and of the
+        quadratic estimate of the earlier tasks' loss increase Σ F·(θ − θ*)²."""
+        params = dict(model.named_parameters())
+        anchor = self.terms[-1][0] if self.terms else None
+        f = torch.cat([v.flatten() for v in self.importance.values()])
+        d = torch.cat([(params[n].detach() - anchor[n]).pow(2).flatten() for n in self.importance])
+        mask = torch.zeros_like(f, dtype=torch.bool)
+        mask[f.topk(max(1, int(top * len(f))))[1]] = True
+        share = lambda v: (v[mask].sum() / v.sum()).item() if v.sum() > 0 else 0.0
+        return dict(stage=self.stage, importance=share(f), movement=share(d), penalty=share(f * d))
+
     def consolidate(self, model):
-        """Fisher of the stage just trained on fisher_batches of its training windows (a generator seeded
-        by the stage, so a resumed run draws the same), folded into the running sum; θ* = θ now."""
-        generator = torch.Generator().manual_seed(self.config['seed'] + 1000 + self.stage)
-        batches = [self.xy(torch.cat([w for _, w in self.stage_windows('train', self.batch_size, generator)]))[0]
-                   for _ in range(self.fisher_batches)]
-        sample_generator = torch.Generator(device=self.device).manual_seed(self.config['seed'] + 2000 + self.stage)
-        new = estimate_fisher(model, batches, sample_generator)
-        self.fisher = new if self.fisher is None else {n: self.ewc_gamma * self.fisher[n] + new[n] for n in new}
-        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in new}
+        """The importance of the stage just trained, folded into the running sum; an EWC term anchored at θ now.
+        The Fisher and MAS are measured on fisher_batches of its training windows (a generator seeded by the
+        stage, so a resumed run draws the same); SI's comes from the path integral over the stage."""
+        if self.config['importance'] == 'si':
+            new = self.si_importance(model)
+        else:
+            generator = torch.Generator().manual_seed(self.config['seed'] + 1000 + self.stage)
+            batches = [self.xy(torch.cat([w for _, w in self.stage_windows('train', self.batch_size, generator)]))[0]
+                       for _ in range(self.fisher_batches)]
+            if self.config['importance'] == 'mas':
+                new = estimate_mas(model, batches)
+            else:
+                sample_generator = torch.Generator(device=self.device).manual_seed(self.config['seed'] + 2000 + self.stage)
+                new = estimate_fisher(model, batches, sample_generator)
+        self.importance = new if self.importance is None else {n: self.ewc_gamma * self.importance[n] + new[n] for n in new}
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in new}
+        self.terms = self.terms + [(anchor, new)] if self.config['ewc_mode'] == 'per_task' else [(anchor, self.importance)]
         self.update_scale = self._update_scale()
 
+    def si_importance(self, model, xi=1e-3):
+        """Synaptic Intelligence (Zenke 2017): Ω = max(ω, 0) / ((θ_end − θ_start)² + ξ), the loss decrease a
+        parameter earned over the stage per squared distance it travelled; then a new path starts."""
+        params = dict(model.named_parameters())
+        if self.si_omega is None:  # a stage with no step
+            return {n: torch.zeros_like(p) for n, p in params.items()}
+        new = {n: self.si_omega[n].clamp(min=0) / ((params[n].detach() - self.si_start[n]) ** 2 + xi) for n in params}
+        self.si_omega, self.si_start = None, None
+        return new
+
     def _update_scale(self):
-        """1/(1 + s·F/mean(F)), the mean over every element of every parameter; None when s = 0."""
-        if not self.adaptive_lr_strength:
+        """Per element: 1/(1 + s·F/mean(F)) (the mean over every element of every parameter), times protect_scale
+        for the top protect_fraction of all elements by F; None when neither is on."""
+        s, fraction = self.adaptive_lr_strength, self.config['protect_fraction']
+        if not s and not fraction:
             return None
-        mean = sum(f.sum() for f in self.fisher.values()) / sum(f.numel() for f in self.fisher.values())
-        return {n: 1 / (1 + self.adaptive_lr_strength * f / mean) for n, f in self.fisher.items()}
+        f = torch.cat([v.flatten() for v in self.importance.values()])
+        scale = 1 / (1 + s * f / f.mean())
+        if fraction:
+            scale[f.topk(int(fraction * len(f) + 0.5))[1]] *= self.config['protect_scale']
+        sizes = [v.numel() for v in self.importance.values()]
+        return {n: part.view_as(v) for (n, v), part in zip(self.importance.items(), scale.split(sizes))}
 
     def learned(self):
         """The stage at which each task (R column) is first trained."""
@@ -300,7 +405,8 @@ class IncrementalLearner:
     def state_dict(self):
         """Plain tensors, dicts, lists and numbers: loads with torch.load(weights_only=True)."""
         return dict(incremental_tasks=self.config['incremental_tasks'], iters_per_task=self.iters_per_task,
-                    stage=self.stage, R=self.R, fisher=self.fisher, anchor=self.anchor,
+                    stage=self.stage, R=self.R, diagnostics=self.diagnostics, importance=self.importance,
+                    terms=[list(t) for t in self.terms], si_omega=self.si_omega, si_start=self.si_start,
                     buffer=self.buffer.state_dict() if self.buffer else None)
 
     def load_state_dict(self, state):
@@ -310,7 +416,9 @@ class IncrementalLearner:
             if state[key] != self.config[key]:
                 raise ValueError(f"the checkpoint was trained with {key}={state[key]!r}, not {self.config[key]!r}: "
                                  "a resumed sequence must keep its tasks and steps")
-        self.stage, self.R, self.fisher, self.anchor = state['stage'], state['R'], state['fisher'], state['anchor']
+        self.stage, self.R, self.diagnostics, self.importance = state['stage'], state['R'], state['diagnostics'], state['importance']
+        self.terms = [tuple(t) for t in state['terms']]
+        self.si_omega, self.si_start = state['si_omega'], state['si_start']
         if self.buffer and state['buffer']:
             self.buffer.load_state_dict(state['buffer'])
-        self.update_scale = self._update_scale() if self.fisher else None
+        self.update_scale = self._update_scale() if self.importance else None

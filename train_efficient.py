@@ -65,10 +65,16 @@ incremental_tasks = ''  # '' trains on train.bin; 'A,B,C': A, then B, then C; 'A
 iters_per_task = 1000  # iterations per stage (max_iters becomes their total); the lr schedule restarts every stage
 ewc_lambda = 0.0  # EWC: adds ewc_lambda * sum F * (theta - theta*)^2 after the first stage
 ewc_gamma = 1.0  # online EWC: F <- ewc_gamma * F + F_new after each stage (1: every task counts fully)
-fisher_batches = 0  # batches for the diagonal Fisher after each stage (EWC, adaptive lr); 0: no Fisher
+ewc_mode = 'online'  # 'online': one summed F at the latest theta*; 'per_task': a penalty per earlier task (Kirkpatrick)
+importance = 'fisher'  # F of EWC and adaptive lr: 'fisher', 'mas' (output sensitivity), 'si' (path integral, no batches)
+fisher_batches = 0  # batches for the Fisher or MAS importance after each stage (EWC, adaptive lr); 0: none
 replay_buffer_size = 0  # windows kept by reservoir sampling over all training windows; 0: no buffer
-replay_ratio = 0.0  # fraction of each training batch replayed from earlier tasks (round half up)
+replay_ratio = 0.0  # fraction of each training batch replayed from earlier tasks (round half up), in [0, 1)
 adaptive_lr_strength = 0.0  # each parameter's update scaled by 1 / (1 + strength * F / mean F)
+protect_fraction = 0.0  # the top fraction of all weights by importance F have their updates scaled by protect_scale
+protect_scale = 0.0  # protect_fraction's update scale: 0 freezes them, 0.1 damps them tenfold
+stage_lr_schedule = 'rewarm'  # stages after the first: 'rewarm' (warm-up and decay again), 'constant' (min_lr)
+stage_lr_peak = 1.0  # rewarm: stages after the first peak at stage_lr_peak * learning_rate, still decay to min_lr
 # model: 'gpt' (model.py) or 'efficient' (model_efficient.py); every field of EfficientGPTConfig is a key too
 model_type = 'gpt'  # 'gpt' (the baseline, model.py) or 'efficient' (EfficientGPT, model_efficient.py)
 # adamw optimizer
@@ -260,7 +266,8 @@ if model_type == 'gpt':
     stray = [k for k, v in model_defaults.items() if k not in gpt_keys and config[k] != v]
     if stray:
         fail(f"{', '.join(stray)} only appl{'ies' if len(stray) == 1 else 'y'} to model_type='efficient'")
-incremental_keys = ('iters_per_task', 'ewc_lambda', 'ewc_gamma', 'fisher_batches', 'replay_buffer_size', 'replay_ratio', 'adaptive_lr_strength')
+incremental_keys = ('iters_per_task', 'ewc_lambda', 'ewc_gamma', 'ewc_mode', 'importance', 'fisher_batches', 'replay_buffer_size',
+                    'replay_ratio', 'adaptive_lr_strength', 'protect_fraction', 'protect_scale', 'stage_lr_schedule', 'stage_lr_peak')
 if not incremental_tasks and any(config[k] != script_defaults[k] for k in incremental_keys):
     fail(f"{', '.join(k for k in incremental_keys if config[k] != script_defaults[k])}: these keys need incremental_tasks (e.g. incremental_tasks='A,B')")
 check_model(model_type, model_args)
@@ -493,7 +500,7 @@ log = tqdm.write if bar_shown else print
 stopped_early = False  # Ctrl-C: the checkpoint is written where the loop stopped
 t0 = time.time()
 while True:
-    lr = get_lr(learner.lr_iter(iter_num) if learner else iter_num) if decay_lr else learning_rate
+    lr = (learner.lr(iter_num, get_lr) if learner else get_lr(iter_num)) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
