@@ -7,7 +7,7 @@ import errno
 import os
 import pickle
 import re
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 
@@ -181,9 +181,45 @@ def from_pretrained(source, model_type='gpt', **changes):
     state = {k: v.t() if k.endswith(CONV1D) else v for k, v in hf.state_dict().items()
              if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
     state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:args['block_size']]  # a shorter context
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    load_with_additions(model, state, repr(name), model_type)
+    return model, {'tokenizer': 'gpt2', 'vocab_size': 50257}
+
+
+def load_with_additions(model, state, name, model_type):
+    """Load state into model, whose mechanisms may add parameters that state lacks (they keep their own
+    initialisation); a weight of state the model has no place for, or of another shape, is an error."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape differs
+        raise CheckpointError(f"{name} does not fit a {model_type} model: {_first_line(e)}") from None
     added = {k for k in model.state_dict() if k not in state}  # a mechanism's own parameters
     if unexpected or set(missing) != added:
-        raise CheckpointError(f"{name!r} does not fit a {model_type} model: unexpected {unexpected[:3]}, "
+        raise CheckpointError(f"{name} does not fit a {model_type} model: unexpected {unexpected[:3]}, "
                               f"missing {sorted(set(missing) - added)[:3]}")
-    return model, {'tokenizer': 'gpt2', 'vocab_size': 50257}
+
+
+# keys that give a checkpoint's weights their meaning: a run that starts from them keeps the checkpoint's values
+# (GPTConfig's fields but dropout, and the EfficientGPT keys that change what existing weights compute)
+WEIGHTS_OWN = tuple(f.name for f in fields(GPTConfig) if f.name != 'dropout') + \
+    ('pos_emb', 'rope_base', 'qk_norm', 'tie_embeddings', 'logit_softcap')
+
+
+def from_checkpoint_weights(path, model_type='efficient', **changes):
+    """(model, meta) of a trained checkpoint's weights in a new model of its sizes, e.g. a dense model that
+    gains exit heads (LayerSkip's continued training) or another mechanism: changes are model args over the
+    checkpoint's (dropout, mechanism keys); the parameters a mechanism adds keep their own initialisation.
+    A change to a key in WEIGHTS_OWN is an error naming it."""
+    ckpt = load_checkpoint(path)
+    source_type, args = ckpt.get('model_type', 'gpt'), ckpt['model_args']
+    if source_type == 'efficient' and model_type == 'gpt':
+        raise CheckpointError(f"{path} holds an efficient model: continue it with model_type='efficient'")
+    was = {**{f.name: f.default for f in fields(EfficientGPTConfig)}, **args}  # a GPT's args lack the efficient keys
+    own = [f"{k} {was[k]!r} -> {v!r}" for k, v in changes.items() if k in WEIGHTS_OWN and v != was[k]]
+    if own:
+        raise CheckpointError(f"{', '.join(own)}: the checkpoint's own with init_from='ckpt:{path}' (only dropout "
+                              f"and mechanism keys may change)")
+    keys = {f.name for f in fields(MODELS[model_type][1])}
+    model = build_model(model_type, {k: v for k, v in {**args, **changes}.items() if k in keys})
+    state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items() if not k.endswith('.attn.bias')}
+    load_with_additions(model, state, path, model_type)
+    return model, ckpt.get('meta')

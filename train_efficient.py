@@ -30,8 +30,8 @@ from torch.distributed import all_reduce, destroy_process_group, init_process_gr
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (PRETRAINED, CheckpointError, build_model, from_pretrained, is_pretrained, load_checkpoint,
-                        model_checkpoint, model_config, save_checkpoint)
+from checkpoint import (PRETRAINED, CheckpointError, build_model, from_checkpoint_weights, from_pretrained, is_pretrained,
+                        load_checkpoint, model_checkpoint, model_config, save_checkpoint)
 from common import autocast, dataset_dir, fail, pick_device, pick_dtype
 from configurator import configure_or_exit, describe, print_config
 from evaluate import bits, evaluate_loss
@@ -49,7 +49,7 @@ log_interval = 10  # log the training loss, tokens/s and lr every this many iter
 eval_iters = 20  # batches per random-batch loss estimate (logs only; see final_eval_windows) (>= 1)
 final_eval_windows = -1  # deterministic val loss at the end over this many fixed windows; -1: whole split, 0: skip
 eval_only = False  # True: evaluate (at the first iteration and at the end) and exit, writing nothing
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt, with its model keys), or GPT-2's weights: 'gpt2' .. 'gpt2-xl', 'hf:<folder>'
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt, with its model keys), GPT-2's weights: 'gpt2' .. 'gpt2-xl', 'hf:<folder>', or a trained checkpoint's weights as a new run: 'ckpt:<path>'
 overwrite = False  # True: a run from scratch may replace a checkpoint already in out_dir
 progress = True  # progress bar on a terminal; in a log file, or with False, a plain line every log_interval
 # wandb logging (optional extra, off by default)
@@ -150,8 +150,9 @@ def check_settings():
         (0 <= beta1 < 1 and 0 <= beta2 < 1, f"beta1 and beta2 must be in [0, 1), not {beta1} and {beta2}"),
         (grad_clip >= 0, f"grad_clip must be >= 0 (0: no clipping), not {grad_clip}"),
         (model_type in ('gpt', 'efficient'), f"model_type must be 'gpt' or 'efficient', not {model_type!r}"),
-        (init_from in ('scratch', 'resume') or is_pretrained(init_from),
-         f"init_from must be 'scratch', 'resume', one of {', '.join(PRETRAINED)} or 'hf:<folder>', not {init_from!r}"),
+        (init_from in ('scratch', 'resume') or is_pretrained(init_from) or init_from.startswith('ckpt:'),
+         f"init_from must be 'scratch', 'resume', one of {', '.join(PRETRAINED)}, 'hf:<folder>' or 'ckpt:<path>', "
+         f"not {init_from!r}"),
         (optimizer in ('adamw', 'muon') and muon_lr_scale > 0,
          f"optimizer must be 'adamw' or 'muon' and muon_lr_scale > 0, not {optimizer!r} and {muon_lr_scale}"),
         (lr_schedule in ('cosine', 'wsd') and 0 < wsd_decay_frac <= 1,
@@ -333,7 +334,7 @@ iter_num, best_val_loss = 0, float('inf')
 eval_history, train_seconds = [], 0.0
 last_good = None  # the iteration of the checkpoint on disk that this run may fall back to
 if checkpoint is None:
-    if master_process and not is_pretrained(init_from):
+    if master_process and init_from == 'scratch':
         print(f"initializing a new {model_type} model from scratch")
     model_args['vocab_size'] = meta['vocab_size']
 else:
@@ -360,6 +361,17 @@ try:
                                                               and k not in fixed})
         config.update({k: getattr(model.config, k) for k in model_defaults if hasattr(model.config, k)})
         globals().update(config)  # block_size and the rest as the model has them: the stored config is what ran
+        tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+    elif init_from.startswith('ckpt:'):  # a trained model's weights, e.g. a dense one gaining exit heads (LayerSkip)
+        model, source_meta = from_checkpoint_weights(init_from[5:], model_type,
+                                                     **{k: config[k] for k in given if k in model_args})
+        if source_meta is not None and source_meta != meta:
+            fail(f"the vocabulary of {data_dir} differs from {init_from[5:]}'s "
+                 f"({vocabulary_difference(source_meta, meta)}): a checkpoint's tokens are never remapped")
+        if master_process:
+            print(f"initializing a model ({model_type}) from the weights of {init_from[5:]}")
+        config.update({k: getattr(model.config, k) for k in model_defaults if hasattr(model.config, k)})
+        globals().update(config)  # the sizes as the checkpoint has them: the stored config is what ran
         tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
     else:
         model = build_model(model_type, model_args)
