@@ -144,6 +144,73 @@ def test_penalty_is_zero_at_anchor_and_its_gradient_is_2_lambda_F_delta():
         assert torch.allclose(p.grad, 2 * lam * fisher[n] * (p.detach() - anchor[n]), atol=1e-6), n
 
 
+def test_per_task_ewc_with_one_earlier_task_is_online_ewc(tasks_dir):
+    online, _ = train_steps(tasks_dir, fisher_batches=2, ewc_lambda=1e3)
+    per_task, learner = train_steps(tasks_dir, fisher_batches=2, ewc_lambda=1e3, ewc_mode='per_task')
+    assert len(learner.terms) == 1
+    for step, (a, b) in enumerate(zip(online, per_task)):
+        assert all(torch.equal(p, q) for p, q in zip(a, b)), f"step {step + 1}"
+    # with two earlier stages they differ: a penalty at each stage's anchor, not the summed F at the latest
+    online, online_learner = train_steps(tasks_dir, incremental_tasks='A,B,A', fisher_batches=2, ewc_lambda=1e3)
+    per_task, learner = train_steps(tasks_dir, incremental_tasks='A,B,A', fisher_batches=2, ewc_lambda=1e3, ewc_mode='per_task')
+    assert len(learner.terms) == 2 and len(online_learner.terms) == 1
+    assert all(torch.equal(p, q) for p, q in zip(online[9], per_task[9])) and not torch.equal(online[-1][0], per_task[-1][0])
+    for n, f in learner.importance.items():  # the summed importance (for adaptive lr) is the same in both
+        assert torch.allclose(f, online_learner.importance[n])
+
+
+@pytest.mark.parametrize('importance', ['fisher', 'mas', 'si'])
+def test_protected_fraction_receives_no_update(tasks_dir, importance):
+    history, learner = train_steps(tasks_dir, importance=importance, fisher_batches=2, protect_fraction=0.2)
+    f = torch.cat([v.flatten() for v in learner.importance.values()])
+    top = torch.zeros_like(f, dtype=torch.bool)
+    top[f.topk(int(0.2 * len(f) + 0.5))[1]] = True
+    after_a, final = (torch.cat([p.flatten() for p in history[i]]) for i in (4, -1))
+    assert torch.equal(final[top], after_a[top])  # frozen through stage B, weight decay included
+    assert (final[~top] != after_a[~top]).float().mean() > 0.5  # the rest learned B
+    assert (f >= 0).all() and f.sum() > 0
+
+
+def test_protect_scale_damps_the_protected_updates(tasks_dir):
+    history, learner = train_steps(tasks_dir, fisher_batches=2, protect_fraction=0.2, protect_scale=0.1)
+    scale = torch.cat([s.flatten() for s in learner.update_scale.values()])
+    assert sorted(set(scale.tolist())) == pytest.approx([0.1, 1.0]) and (scale < 1).float().mean() == pytest.approx(0.2, abs=1e-3)
+
+
+def test_synaptic_intelligence_integrates_the_loss_decrease(tasks_dir):
+    """ω −= g·Δθ over a path of small gradient steps sums, per parameter, to the decrease of that parameter's
+    share of a separable loss Σ c_i (θ_i − 1)²; Ω = ω / (Δθ² + ξ) is zero where the loss does not depend on θ_i."""
+    meta = json.loads((tasks_dir / 'meta.json').read_text())
+    learner = IncrementalLearner(str(tasks_dir), meta, settings(importance='si', ewc_lambda=1.0))
+    model = torch.nn.Linear(4, 1, bias=False)
+    c = torch.tensor([0.0, 0.5, 1.0, 2.0])
+    with torch.no_grad():
+        model.weight.zero_()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.002)  # small steps: the sum's error is Σ c·Δθ², second order
+    for _ in range(500):
+        (c * (model.weight[0] - 1) ** 2).sum().backward()
+        with learner.scaled_update(model):
+            optimizer.step()
+        optimizer.zero_grad()
+    w = model.weight.detach()[0]
+    decrease = c * (1 - (w - 1) ** 2)  # each term's loss at the start (θ = 0) minus at the end
+    assert torch.allclose(learner.si_omega['weight'][0], decrease, rtol=0.01)
+    omega = learner.si_importance(model)['weight'][0]
+    assert omega[0] == 0 and (omega[1:] > 0).all() and learner.si_omega is None  # a new path starts
+
+
+def test_later_stages_learning_rate(tasks_dir):
+    meta = json.loads((tasks_dir / 'meta.json').read_text())
+    schedule = lambda it: 1e-3 * (it + 1)  # the stage's own schedule, as train_efficient.get_lr
+    rewarm = IncrementalLearner(str(tasks_dir), meta, settings(stage_lr_peak=0.5))
+    constant = IncrementalLearner(str(tasks_dir), meta, settings(stage_lr_schedule='constant'))
+    for it in range(5):  # stage A: the schedule itself in both
+        assert rewarm.lr(it, schedule) == constant.lr(it, schedule) == schedule(it)
+    for it in range(5, 10):  # stage B: half the distance above min_lr, or min_lr
+        assert rewarm.lr(it, schedule) == pytest.approx(1e-4 + 0.5 * (schedule(it - 5) - 1e-4))
+        assert constant.lr(it, schedule) == 1e-4
+
+
 def test_reservoir_keeps_every_item_with_equal_probability():
     """Offer items 0..n-1 in order to a reservoir of size k, over many independent trials: each item must be
     kept in a fraction k/n = 0.2 of them. With 2000 trials the standard error of one item's frequency is
@@ -230,31 +297,32 @@ def train(out_dir, data, *args, check=True):
 def test_resume_mid_sequence_equals_an_uninterrupted_run(tmp_path, tasks_dir):
     # every mechanism on, on the efficient model type (the in-process tests above use the baseline GPT);
     # dropout: the torch RNG must resume too
-    common = ['--incremental_tasks=A,B', '--fisher_batches=2', '--ewc_lambda=10', '--replay_buffer_size=32',
-              '--replay_ratio=0.25', '--adaptive_lr_strength=1', '--dropout=0.1', '--model_type=efficient',
-              '--iters_per_task=40', '--lr_decay_iters=40', '--eval_interval=1000']
+    common = ['--incremental_tasks=A,B,A', '--importance=si', '--ewc_mode=per_task', '--ewc_lambda=10',
+              '--replay_buffer_size=32', '--replay_ratio=0.25', '--adaptive_lr_strength=1', '--protect_fraction=0.1',
+              '--stage_lr_peak=0.5', '--dropout=0.1', '--model_type=efficient', '--iters_per_task=40',
+              '--lr_decay_iters=40', '--eval_interval=1000']
     train(tmp_path / 'straight', tasks_dir, *common)
-    # Ctrl-C once stage B has begun: the checkpoint then holds the Fisher, the buffer and the R row of A
+    # Ctrl-C a few steps into stage B: the checkpoint then holds A's importance, the buffer, SI's path and A's R row
     cmd = [sys.executable, os.path.join(ROOT, 'train_efficient.py'), f'--dataset={tasks_dir}',
            f'--out_dir={tmp_path / "split"}', *TINY, *common]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in p.stdout:
-        if line.startswith('after stage A'):
+        if line.startswith('iter 42:'):
             break
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 0 and 'init_from=resume' in out, out
     stopped = load_checkpoint(str(tmp_path / 'split' / 'ckpt.pt'))
-    assert 40 <= stopped['iter_num'] < 80 and stopped['incremental']['stage'] == 1, stopped['iter_num']
+    assert 42 <= stopped['iter_num'] < 80 and stopped['incremental']['stage'] == 1 and stopped['incremental']['si_omega'], stopped['iter_num']
     r = train(tmp_path / 'split', tasks_dir, *common, '--init_from=resume')
     assert 'forgetting A' in r.stdout and 'ewc' in r.stdout
     a = load_checkpoint(str(tmp_path / 'straight' / 'ckpt.pt'))
     b = load_checkpoint(str(tmp_path / 'split' / 'ckpt.pt'))
-    assert a['iter_num'] == b['iter_num'] == 80
+    assert a['iter_num'] == b['iter_num'] == 120
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
-    assert a['incremental']['R'] == b['incremental']['R'] and len(a['incremental']['R']) == 2
+    assert a['incremental']['R'] == b['incremental']['R'] and len(a['incremental']['R']) == 3
     assert torch.equal(a['incremental']['buffer']['windows'], b['incremental']['buffer']['windows'])
 
 
