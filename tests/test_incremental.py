@@ -343,34 +343,65 @@ def test_a_character_outside_the_checkpoint_vocabulary_is_named(tmp_path, tasks_
     assert r.returncode == 2 and "outside the checkpoint's vocabulary" in r.stderr and "'é'" in r.stderr, r.stderr
 
 
-def test_experiment_tables(capsys):
+def test_experiment_headline_has_each_tasks_gap_to_joint(capsys):
     import incremental_experiment as exp
-    results = {'naive': dict(R=[[1.0, 3.0], [1.4, 1.2]], seconds=1.0), 'ewc': dict(R=[[1.0, 3.0], [1.1, 1.26]], seconds=None),
-               'joint': dict(R=[[1.05, 1.25]], seconds=2.0)}
-    rows = exp.summarize(results, ['A', 'B'], [('A',), ('B',)], list(results))
-    assert rows['ewc']['forgetting'] == pytest.approx({'A': 0.1}) and rows['ewc']['forgetting_cut'] == pytest.approx({'A': 0.75})
-    assert rows['ewc']['last_task_vs_naive'] == pytest.approx(0.05) and rows['joint']['forgetting'] == {}
-    exp.print_tables(results, rows, ['A', 'B'], [('A',), ('B',)])
+    stages = [('A',), ('B',), ('C',)]
+    runs = exp.plan(['naive', 'ewc', 'joint'], stages, exp.SETTINGS, '')
+    assert list(runs) == ['naive', 'ewc', 'joint A+B', 'joint']
+    assert runs['joint A+B'][1] == dict(incremental_tasks='A+B', stages=2)
+    results = {'naive': dict(R=[[1.0, 3.0, 4.0], [1.4, 1.2, 4.0], [1.5, 1.6, 1.0]], diagnostics=[], seconds=1.0),
+               'ewc': dict(R=[[1.0, 3.0, 4.0], [1.1, 1.26, 4.0], [1.2, 1.3, 1.1]], diagnostics=[], seconds=None),
+               'joint A+B': dict(R=[[1.05, 1.2]], diagnostics=[], seconds=2.0),
+               'joint': dict(R=[[1.1, 1.25, 1.0]], diagnostics=[], seconds=3.0)}
+    headline, details = exp.summarize(results, runs, stages)
+    ab, abc = headline['A -> B'], headline['A -> B -> C']
+    assert ab['ewc']['loss'] == {'A': 1.1, 'B': 1.26} and ab['ewc']['gap_to_joint'] == pytest.approx({'A': 1.1 / 1.05 - 1, 'B': 0.05})
+    assert ab['naive']['forgetting'] == pytest.approx({'A': 0.4}) and ab['naive']['backward_transfer'] == pytest.approx(-0.4)
+    assert abc['ewc']['gap_to_joint'] == pytest.approx({'A': 0.1 / 1.1, 'B': 0.05 / 1.25, 'C': 0.1})
+    assert abc['ewc']['worst_gap'] == pytest.approx(0.1) and abc['joint']['worst_gap'] == 0.0
+    assert abc['ewc']['forgetting'] == pytest.approx({'A': 0.2, 'B': 0.04})
+    assert details['ewc']['forgetting_cut'] == pytest.approx({'A': 0.6, 'B': 0.9}) and details['ewc']['last_task_vs_naive'] == pytest.approx(0.1)
+    exp.print_tables(results, runs, stages, headline, details)
     out = capsys.readouterr().out
-    assert 'forget A' in out and '75%' in out and '+5.0%' in out
+    assert 'A -> B -> C' in out and '1.2000 ( +9.1%)' in out and 'closest to joint: ewc' in out and 'cut A  60%' in out
 
 
-def test_experiment_runs_methods_and_reads_finished_runs_back(tmp_path, tasks_dir):
-    cmd = [sys.executable, os.path.join(ROOT, 'incremental_experiment.py'), '--methods=naive,joint', '--jobs=2',
-           f'--out_dir={tmp_path}', f'--json={tmp_path / "r.json"}', f'--plot={tmp_path / "r.png"}',
-           '--train_args=' + ' '.join([f'--dataset={tasks_dir}', *[a for a in TINY if a != '--progress=False'],
-                                       '--iters_per_task=3', '--lr_decay_iters=3', '--eval_interval=1000'])]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert 'forget A' in r.stdout and ('plot written' in r.stdout or 'matplotlib is not installed' in r.stdout)
-    figures = json.loads((tmp_path / 'r.json').read_text())['methods']
-    assert len(figures['naive']['R']) == 2 and len(figures['joint']['R']) == 1 and figures['joint']['forgetting'] == {}
-    assert 'iters_per_task=6' in figures['joint']['command']  # the same total steps as the sequence
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 0 and 'done in' not in again.stdout, again.stdout  # nothing trained again
-    assert {m: f['R'] for m, f in json.loads((tmp_path / 'r.json').read_text())['methods'].items()} == \
-        {m: f['R'] for m, f in figures.items()}
+def test_experiment_sweep_plans_a_run_per_value_of_the_methods_it_changes():
+    import incremental_experiment as exp
+    stages = [('A',), ('B',)]
+    runs = exp.plan(['naive', 'replay', 'joint'], stages, exp.SETTINGS, 'replay_ratio=0.05,0.25')
+    assert list(runs) == ['naive', 'replay replay_ratio=0.05', 'replay replay_ratio=0.25', 'joint']
+    assert runs['replay replay_ratio=0.25'][1]['replay_ratio'] == 0.25
+    runs = exp.plan(['naive', 'joint'], stages, exp.SETTINGS, 'stage_lr_peak=1,0.5')  # a train_efficient.py key
+    assert list(runs) == ['naive stage_lr_peak=1', 'naive stage_lr_peak=0.5', 'joint']
+    assert runs['naive stage_lr_peak=0.5'][1] == dict(incremental_tasks='A,B', stage_lr_peak='0.5')
+
+
+def test_experiment_runs_in_parallel_as_in_sequence_and_reads_finished_runs_back(tmp_path, tasks_dir):
+    def experiment(out_dir, *args):
+        cmd = [sys.executable, os.path.join(ROOT, 'incremental_experiment.py'), '--tasks=A,B', '--methods=naive,ewc,joint',
+               f'--out_dir={out_dir}', f'--json={out_dir / "r.json"}', *args,
+               '--train_args=' + ' '.join([f'--dataset={tasks_dir}', *[a for a in TINY if a != '--progress=False'],
+                                           '--iters_per_task=3', '--lr_decay_iters=3', '--eval_interval=1000'])]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout, json.loads((out_dir / 'r.json').read_text())
+
+    out, figures = experiment(tmp_path / 'parallel', '--jobs=3', f'--plot={tmp_path / "r.png"}')
+    assert 'A -> B' in out and ('plot written' in out or 'matplotlib is not installed' in out)
+    runs = figures['runs']
+    assert len(runs['naive']['R']) == 2 and len(runs['joint']['R']) == 1 and figures['jobs'] == 3
+    assert 'iters_per_task=6' in runs['joint']['command']  # the same total steps as the sequence
+    ewc = figures['headline']['A -> B']['ewc']
+    assert set(ewc['gap_to_joint']) == {'A', 'B'} and ewc['worst_gap'] == max(ewc['gap_to_joint'].values())
+    assert ewc['gap_to_joint']['B'] == pytest.approx(runs['ewc']['R'][1][1] / runs['joint']['R'][0][1] - 1)
+    assert len(runs['ewc']['diagnostics']) == 1 and 'details, A -> B' in out
+    # one at a time: the same numbers
+    _, one_by_one = experiment(tmp_path / 'sequential', '--jobs=1')
+    assert {k: v['R'] for k, v in one_by_one['runs'].items()} == {k: v['R'] for k, v in runs.items()}
+    # again: nothing trained, the same figures read back
+    again, figures_again = experiment(tmp_path / 'parallel', '--jobs=3')
+    assert 'done in' not in again and figures_again['headline'] == figures['headline']
 
 
 def test_incremental_keys_without_tasks_are_an_error(tmp_path, tasks_dir):
