@@ -19,6 +19,7 @@ import torch
 
 from bench_rows import MECHANISM_ROWS
 from bench_rows.protocol import greedy, time_pair, val_memmap
+from bench_rows.sparse import teal_levels
 from checkpoint import build_model, from_pretrained, is_pretrained, load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_device, pick_dtype, synchronizer
 from configurator import configure_or_exit, describe
@@ -54,6 +55,7 @@ DEFAULTS = dict(
     long_window=128,  # local attention: window of the training-step row
     long_tokens=16384,  # local attention: tokens of the long decode row (rolling vs full cache)
     stream_tokens=100000,  # local attention: tokens of the streaming row (rolling cache, past block_size)
+    teal_sparsity='',  # TEAL on a dense checkpoint's MLPs: fractions of activations dropped, e.g. '0.25,0.5'; '': no row
 )
 
 
@@ -233,6 +235,7 @@ def main():
         val_data=config['val_data'], val_windows=config['val_windows'],
         baseline=baseline, baseline_path=config['baseline'], train_batch=config['train_batch'],
         exit_windows=config['exit_windows'], seed=config['seed'], exit_sweep=exit_sweep, spec_sweep=spec_sweep,
+        teal_sparsity=teal_levels(config['teal_sparsity']),
         prompt=torch.randint(V, (config['batch'], 1), generator=g).to(device),  # one-token prompts (B, 1)
         prefill_x=torch.randint(V, (config['batch'], T), generator=g).to(device),  # (B, block_size)
         sync=synchronizer(device),

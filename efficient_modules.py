@@ -16,6 +16,7 @@ EfficientGPT.aux_losses() gathers them and the training script adds Σ weight·v
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -92,6 +93,120 @@ def set_topk_gather(model, gather):
     for m in model.modules():
         if isinstance(m, TopKMLP):
             m.gather = gather
+
+
+class TEALMLP(MLP):
+    """A trained dense MLP (same parameters) that drops, at inference, every hidden activation whose magnitude is
+    under a per-layer threshold, training-free (TEAL, Liu et al. 2024): unit j of token n is kept when
+    |h[n, j]| > threshold, so the kept count varies per token. teal_sparsify sets the threshold from calibration
+    data so that the target fraction of activations falls under it.
+
+    Two paths compute the same function, chosen with use_gathered (not per call):
+      masked   (the reference): the dense down-projection over h with the dropped units zeroed.
+      gathered (decode): F.embedding_bag reads only the rows of c_proj.weight.T that kept units multiply, one bag
+               per token, so the down-projection does (1 - sparsity) of the dense work on average."""
+
+    down_rows = TopKMLP.down_rows  # the same contiguous (4C, C) table of c_proj.weight.T, rebuilt when it changes
+
+    def __init__(self, config, threshold, sparsity, gather=True):
+        super().__init__(config)
+        self.threshold, self.sparsity = threshold, sparsity
+        self._rows = None
+        self.use_gathered(gather)
+
+    def use_gathered(self, gather):
+        """Choose the down-projection path: gathered rows (True) or the masked dense reference (False)."""
+        self.down = self.down_gathered if gather else self.down_masked
+        self.down_share = 1 - self.sparsity if gather else 1.0  # of c_proj's work, for cost()
+
+    def forward(self, x):
+        h = self.gelu(self.c_fc(x))  # (B, T, 4C)
+        return self.dropout(self.down(h, h.abs() > self.threshold))
+
+    def down_masked(self, h, keep):
+        return self.c_proj(h * keep)
+
+    def down_gathered(self, h, keep):
+        # y[n] = sum over kept j of h[n, j] * W.T[j]: token n's bag is its kept units, in token order
+        B, T, H = h.shape
+        keep = keep.view(B * T, H)
+        units = keep.nonzero()[:, 1]  # (M,) kept units, token after token
+        counts = keep.sum(1)  # (B*T,)
+        rows = self.down_rows()  # (4C, C)
+        weights = h.view(B * T, H)[keep].to(rows.dtype)  # (M,) their activations, in the same order
+        y = F.embedding_bag(units, rows, counts.cumsum(0) - counts, mode='sum', per_sample_weights=weights)
+        if self.c_proj.bias is not None:
+            y = y + self.c_proj.bias
+        return y.view(B, T, -1)  # (B, T, C)
+
+    def cost(self):
+        """The whole up-projection, then the kept share of the down-projection's rows (its target, 1 - sparsity)."""
+        return module_cost(self.c_fc) + module_cost(self.c_proj) * self.down_share
+
+
+def dense_mlp_holders(model):
+    """The blocks (a Ponder's or router's inner block) whose MLP is nanoGPT's dense one."""
+    return [h for h in (getattr(b, 'block', b) for b in model.transformer.h) if type(h.mlp) is MLP]
+
+
+@torch.no_grad()
+def teal_sparsify(model, sparsity, tokens, gather=True):
+    """TEAL on a trained model: each dense MLP becomes a TEALMLP with its weights and its own threshold, the
+    `sparsity` quantile of its |hidden activations| over the calibration tokens (B, T) (training data, read
+    through the dense model). Returns the thresholds, layer by layer."""
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 < sparsity < 1:
+        raise ValueError(f"TEAL sparsity is the fraction of activations dropped, in (0, 1), not {sparsity!r}")
+    holders = dense_mlp_holders(model)
+    if not holders:
+        raise ValueError("TEAL needs dense MLPs, and this model has none (its MLPs are top-k or mixtures of experts)")
+    seen = [[] for _ in holders]  # per layer: |h| of the calibration tokens (a pondering layer's every step)
+    hooks = [h.mlp.c_proj.register_forward_pre_hook(lambda m, args, i=i: seen[i].append(args[0].abs().flatten().float()))
+             for i, h in enumerate(holders)]
+    was_training = model.training
+    model.eval()(tokens)
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    thresholds = []
+    for holder, parts in zip(holders, seen):
+        values = torch.cat(parts)
+        threshold = values.kthvalue(max(1, round(sparsity * values.numel()))).values.item()
+        mlp = holder.mlp
+        holder.mlp = TEALMLP(model.config, threshold, sparsity, gather).to(mlp.c_fc.weight.device, mlp.c_fc.weight.dtype)
+        holder.mlp.load_state_dict(mlp.state_dict())
+        thresholds.append(threshold)
+    return thresholds
+
+
+def set_teal_gather(model, gather):
+    """Choose the down-projection path of every TEALMLP in model: gathered (True) or masked (False)."""
+    for m in model.modules():
+        if isinstance(m, TEALMLP):
+            m.use_gathered(gather)
+
+
+@torch.no_grad()
+def teal_measured_sparsity(model, tokens):
+    """The fraction of hidden activations each TEALMLP of model drops over tokens (B, T), layer by layer."""
+    mlps = [m for m in model.modules() if isinstance(m, TEALMLP)]
+    dropped = [[] for _ in mlps]  # per layer: (dropped, total) of each call
+    hooks = [m.c_fc.register_forward_hook(lambda c_fc, args, u, i=i, m=m: dropped[i].append(
+        ((m.gelu(u).abs() <= m.threshold).sum().item(), u.numel()))) for i, m in enumerate(mlps)]
+    was_training = model.training
+    model.eval()(tokens)
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    return [sum(d for d, _ in calls) / sum(n for _, n in calls) for calls in dropped]
+
+
+CALIBRATION_WINDOWS = 16  # TEAL: block_size windows of the training split that its thresholds are set on
+
+
+def calibration_windows(data, block_size, n=CALIBRATION_WINDOWS):
+    """n windows of block_size tokens spread evenly over data (a 1-D token array, e.g. train.bin): (n, block_size)"""
+    starts = np.linspace(0, len(data) - block_size - 1, n).astype(np.int64)
+    return torch.from_numpy(np.stack([data[s:s + block_size] for s in starts]).astype(np.int64))
 
 
 class MoEMLP(nn.Module):

@@ -12,14 +12,16 @@ import os
 import pickle
 import sys
 
+import numpy as np
 import torch
 
 from checkpoint import PRETRAINED, from_pretrained, is_pretrained, load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_device, pick_dtype
 from configurator import configure_or_exit, describe
 from early_exit import CRITERIA, stream_early_exit
+from efficient_modules import calibration_windows, teal_sparsify
 from model import decode_tokens, sample_next
-from tokenizer import load_tokenizer
+from tokenizer import ensure_prepared, load_tokenizer
 
 DEFAULTS = dict(
     init_from='resume',  # 'resume': the checkpoint in out_dir (or ckpt); or GPT-2 weights: 'gpt2' .. 'gpt2-xl', 'hf:<folder>'
@@ -40,6 +42,8 @@ DEFAULTS = dict(
     draft_layers=None,  # speculative: layers that draft (the trunk included); None: the checkpoint's
     draft_tokens=None,  # speculative: tokens drafted per verification; None: the checkpoint's
     draft_confidence=0.0,  # speculative: stop drafting when the draft's top probability falls below this
+    teal_sparsity=0.0,  # TEAL: drop this fraction of each dense MLP's activations, thresholds set on training text; 0: off
+    teal_data='',  # TEAL: the dataset folder whose train.bin sets the thresholds; '': the checkpoint's dataset
     show_compute=False,  # early-exit checkpoints: decode with early exit, each character marked by its exit layer
     interactive=False,  # read prompts from the terminal, one continuation each, until Ctrl-D
     data_root=os.path.join(REPO, 'data'),  # where a nanoGPT checkpoint finds <dataset>/meta.pkl
@@ -63,6 +67,9 @@ def check_settings(cfg):
         value = cfg[key]
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
             fail(f"--{key} must be a positive number (an int for the draft keys), not {value!r}")
+    s = cfg['teal_sparsity']
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not (s == 0 or 0 < s < 1):
+        fail(f"--teal_sparsity must be 0 (off) or a fraction of activations to drop in (0, 1), not {s!r}")
     t = cfg['temperature']
     if not (t == 0 or 1e-3 <= t < float('inf')):
         fail(f"--temperature must be 0 (greedy) or a finite number >= 0.001, not {t}")
@@ -175,6 +182,22 @@ def continue_text(model, tok, start, cfg, colour):
             show(piece)
 
 
+def teal_calibrate(model, cfg, dataset, device):
+    """--teal_sparsity: the model's dense MLPs become TEAL MLPs, thresholds set on windows of a training split."""
+    folder = cfg['teal_data'] or (dataset and (dataset if os.path.isdir(dataset) else os.path.join(cfg['data_root'], dataset)))
+    if not folder:
+        fail("--teal_sparsity sets its thresholds on training text: name a dataset folder with --teal_data")
+    try:
+        ensure_prepared(folder, ('train.bin',))
+        train = np.memmap(os.path.join(folder, 'train.bin'), dtype=np.uint16, mode='r')
+        if len(train) <= model.config.block_size or int(train.max()) >= model.config.vocab_size:
+            fail(f"{folder}/train.bin does not fit the model: it needs more than block_size={model.config.block_size} "
+                 f"tokens, each below vocab_size={model.config.vocab_size}")
+        teal_sparsify(model, cfg['teal_sparsity'], calibration_windows(train, model.config.block_size).to(device))
+    except (ValueError, OSError) as e:
+        fail(f"--teal_sparsity: {e}")
+
+
 def prompts(cfg):
     """The prompts to continue: --start, or with --interactive each line typed until Ctrl-D (empty: --start)."""
     if not cfg['interactive']:
@@ -199,8 +222,11 @@ def main():
     try:
         if is_pretrained(cfg['init_from']):
             model, meta = from_pretrained(cfg['init_from'])
+            dataset = ''  # GPT-2's training text is not here: TEAL needs --teal_data
         elif cfg['init_from'] == 'resume':
-            model, meta = model_from_checkpoint(load_checkpoint(ckpt_path), cfg['data_root'])
+            ckpt = load_checkpoint(ckpt_path)
+            model, meta = model_from_checkpoint(ckpt, cfg['data_root'])
+            dataset = ckpt.get('config', {}).get('dataset', '')
         else:
             fail(f"--init_from must be 'resume', one of {', '.join(PRETRAINED)} or 'hf:<folder>', not {cfg['init_from']!r}")
         tok = load_tokenizer(meta)
@@ -210,6 +236,8 @@ def main():
     except (ValueError, OSError, pickle.UnpicklingError) as e:  # CheckpointError is a ValueError
         fail(e)
     model.eval().to(device)
+    if cfg['teal_sparsity']:
+        teal_calibrate(model, cfg, dataset, device)
     L, colour = model.config.n_layer, sys.stdout.isatty()
     if cfg['decode'] != 'full' and not getattr(model.config, 'enable_early_exit', False):
         fail(f"--{'show_compute' if cfg['show_compute'] else 'decode=' + cfg['decode']} needs a checkpoint trained "

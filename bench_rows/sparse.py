@@ -1,12 +1,20 @@
-"""Top-k sparse MLPs and mixture-of-experts MLPs (efficient_modules.TopKMLP, MoEMLP) against the baseline."""
+"""Top-k sparse MLPs and mixture-of-experts MLPs (efficient_modules.TopKMLP, MoEMLP) against the baseline, and
+TEAL's training-free sparsity (efficient_modules.TEALMLP) on a dense checkpoint against the same checkpoint."""
 
+import copy
+import os
+
+import numpy as np
 import torch
 
 from bench_rows.protocol import time_pair, val_memmap
-from efficient_modules import MoEMLP, TopKMLP, set_topk_gather
+from common import fail
+from efficient_modules import (CALIBRATION_WINDOWS, MoEMLP, TopKMLP, calibration_windows, dense_mlp_holders,
+                               set_teal_gather, set_topk_gather, teal_measured_sparsity, teal_sparsify)
 from evaluate import evaluate_loss, fixed_windows
 from model import MLP
 from model_efficient import EfficientGPTConfig
+from tokenizer import ensure_prepared
 
 
 def ffn_slots(model):
@@ -102,4 +110,53 @@ def mlp_micro(b):
     return fig
 
 
-ROWS = (sparse_decode, sparse_compute, sparse_quality, mlp_micro)
+def teal_levels(text):
+    """bench.py's --teal_sparsity: a comma list of fractions in (0, 1), e.g. '0.25,0.5'; '' runs no TEAL row."""
+    try:
+        levels = [float(x) for x in text.split(',') if x.strip()]
+    except ValueError:
+        levels = None
+    if levels is None or not all(0 < x < 1 for x in levels):
+        fail(f"--teal_sparsity={text!r}: a comma list of the fractions of MLP activations to drop, each in (0, 1), "
+             f"e.g. '0.25,0.5'")
+    return levels
+
+
+def teal(b):
+    """TEAL on the dense MLPs, per --teal_sparsity: val loss and cached decode vs the same dense model"""
+    # thresholds set on training windows, the sparsity they give measured on validation windows
+    if not b.teal_sparsity or not b.val_data or not dense_mlp_holders(b.model):
+        return None
+    ensure_prepared(b.val_data, ('train.bin',))
+    train = np.memmap(os.path.join(b.val_data, 'train.bin'), dtype=np.uint16, mode='r')
+    val = val_memmap(b.val_data)
+    T, windows = b.model.config.block_size, b.val_windows or None
+    calib = calibration_windows(train, T, CALIBRATION_WINDOWS).to(b.device)  # (16, T)
+    held_out = calibration_windows(val, T, CALIBRATION_WINDOWS).to(b.device)
+    dense_loss = evaluate_loss(b.model, val, T, b.batch, windows, b.device)
+    ctx = (b.new_tokens + 1) / 2
+    fig = dict(calibration_windows=CALIBRATION_WINDOWS, val_windows=len(fixed_windows(val, T, windows)),
+               dense_val_loss=dense_loss, dense_flops_per_token=b.model.decode_cost(ctx).flops)
+    for level in b.teal_sparsity:
+        sparse = copy.deepcopy(b.model)
+        thresholds = teal_sparsify(sparse, level, calib)
+        loss = evaluate_loss(sparse, val, T, b.batch, windows, b.device)
+        out = dict(thresholds=[round(t, 4) for t in thresholds],
+                   val_sparsity=[round(x, 3) for x in teal_measured_sparsity(sparse, held_out)],
+                   val_loss=loss, loss_delta=(loss - dense_loss) / dense_loss,
+                   flops_per_token=sparse.decode_cost(ctx).flops)
+        for prompt in (b.prompt[:1], b.prompt):
+            B = prompt.size(0)
+            gen = lambda m: lambda: m.generate(prompt, b.new_tokens, temperature=0)  # noqa: E731
+            tokens, _, t = time_pair(gen(sparse), gen(b.model), b.runs, B * b.new_tokens, b.sync)
+            out.update({f'b{B}_tok_s': t['a']['median'], f'b{B}_dense_tok_s': t['b']['median'],
+                        f'b{B}_vs_dense': t['ratio']['median'], f'b{B}_vs_dense_min': t['ratio']['min'],
+                        f'b{B}_vs_dense_max': t['ratio']['max']})
+            set_teal_gather(sparse, False)  # the masked reference decodes the same greedy tokens
+            out[f'b{B}_gathered_equals_masked_tokens'] = torch.equal(tokens, gen(sparse)())
+            set_teal_gather(sparse, True)
+        fig[f'sparsity {level}'] = out
+    return fig
+
+
+ROWS = (sparse_decode, sparse_compute, sparse_quality, mlp_micro, teal)
