@@ -17,7 +17,8 @@ Decode engines (batch 1, with a KV cache), chosen by name in DECODE:
 - 'speculative' (LayerSkip's self-speculation, exact): draft spec_draft_tokens tokens with the first
   spec_exit_layer layers, verify them with the remaining layers in one pass over the drafted positions
   (reusing the draft's hidden states and its cache entries of the shallow layers), keep the longest
-  agreeing prefix (greedy) or use rejection sampling (temperature > 0), and truncate the caches.
+  agreeing prefix (greedy) or use rejection sampling (temperature > 0), and truncate the caches. Its layers
+  run as DecodeSteps: the same ops as their forward, without the module calls.
 Both work inside block_size; past it they fall back to the full model over the cropped context, which
 recomputes everything each step (GPT.next_logits), exactly as decode='full' does there.
 """
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import decode_tokens, sample_next, token_probs, weights_cost
+from model import MLP, CausalSelfAttention, LayerNorm, attend, decode_tokens, sample_next, token_probs, weights_cost
 
 
 def keep_output(x, y, training):
@@ -278,6 +279,66 @@ def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator,
     return torch.cat([idx, *(t for t, _ in tokens)], dim=1)
 
 
+class DecodeSteps:
+    """A model's embedding, layers and head as decode steps with few ops and no module calls where it can: at
+    batch-1 decode of a small model the overhead of each op and each nn.Module call, not the arithmetic, is
+    most of a step (128 dims, one thread: a layer over one token 150 us through its modules, 110 here). A pre-norm layer runs its
+    norms, projections and MLP as functional ops on its own weights, and nanoGPT's attention inline, so its
+    output equals its forward's bit for bit; any other attention, MLP or layer (top-k, MoE, MoD, pondering)
+    runs its own module. In training mode (dropout) every step is the module's."""
+
+    def __init__(self, model):
+        t = model.transformer
+        self.C = model.config.n_embd
+        self.wte, self.wpe = t.wte.weight, t.wpe.weight if 'wpe' in t else None
+        self.ln_f, self.lm_head = t.ln_f, model.lm_head
+        self.plain_head = type(model.lm_head) is nn.Linear  # not a soft-capped head
+        self.layers = [self.layer(block) for block in t.h]
+        if model.training:  # dropout and layer dropout: every step is the module's own
+            self.layers, self.embed, self.head = list(t.h), model.embed, lambda x: exit_logits(model, x)
+
+    def embed(self, token, pos):
+        """token (B, T) at positions pos .. pos+T-1 -> (B, T, C), as model.embed (a rotary model: no table)."""
+        x = F.embedding(token, self.wte)
+        return x if self.wpe is None else x + self.wpe[pos:pos + token.size(1)]
+
+    def head(self, x):
+        """Logits (B, T, V) of states (B, T, C), as exit_logits."""
+        x = F.layer_norm(x, (self.C,), self.ln_f.weight, self.ln_f.bias, 1e-5)
+        return F.linear(x, self.lm_head.weight) if self.plain_head else self.lm_head(x)
+
+    def layer(self, block):
+        """block as a function (x (B, T, C), cache) -> (B, T, C) over the T positions after the cached ones.
+        Its weights are read once here: a module's attribute lookup costs about as much as a small op."""
+        if not isinstance(getattr(block, 'ln_1', None), LayerNorm):  # a wrapped layer (MoD, pondering)
+            return block
+        C, attn, mlp = self.C, block.attn, block.mlp
+        ln_1, ln_2 = (block.ln_1.weight, block.ln_1.bias), (block.ln_2.weight, block.ln_2.bias)
+        nh, qkv, proj = attn.n_head, (attn.c_attn.weight, attn.c_attn.bias), (attn.c_proj.weight, attn.c_proj.bias)
+        if not (type(attn) is CausalSelfAttention and type(attn.c_attn) is nn.Linear):
+            qkv = None  # rotary or local attention, value embeddings: the module's own forward
+        if type(mlp) is MLP and isinstance(mlp.gelu, nn.GELU):
+            fc, out = (mlp.c_fc.weight, mlp.c_fc.bias), (mlp.c_proj.weight, mlp.c_proj.bias)
+            approximate = mlp.gelu.approximate
+        else:
+            fc = None  # top-k, MoE or another activation: the module's own forward
+
+        def step(x, cache):
+            B, T, _ = x.shape
+            h = F.layer_norm(x, (C,), *ln_1, 1e-5)
+            if qkv is None:
+                x = x + attn(h, cache)
+            else:  # q, k, v as views of one c_attn output (B, nh, T, hs)
+                q, k, v = F.linear(h, *qkv).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)
+                k, v = cache.update(k, v)  # (B, nh, S, hs)
+                x = x + F.linear(attend(q, k, v).transpose(1, 2).reshape(B, T, C), *proj)
+            h = F.layer_norm(x, (C,), *ln_2, 1e-5)
+            if fc is None:
+                return x + mlp(h)
+            return x + F.linear(F.gelu(F.linear(h, *fc), approximate=approximate), *out)
+        return step
+
+
 def greedy_accept(drafts, draft_logits, logits, temperature, top_k, generator):
     """Keep the drafts the full model would have chosen, then its own choice at the first mismatch, as far as
     every row agrees. drafts (B, n), logits (B, n, V) -> (drafts kept, tokens to append (B, kept [+ 1]))"""
@@ -318,7 +379,8 @@ def speculative_decode(model, idx, max_new_tokens, temperature, top_k, generator
     if not model.post.start < E < L:
         raise ValueError(f"draft_layers={E}: the draft must end after the trunk's {model.post.start} layers and "
                          f"before the last of {L}")
-    blocks, drafting = model.transformer.h, range(model.post.start, E)
+    steps, drafting = DecodeSteps(model), range(model.post.start, E)
+    layers = steps.layers
     cache, flops = model.new_cache(idx.size(0), rollback=gamma), FlopCounter(model)
     accept = greedy_accept if temperature == 0 else rejection_accept
     # invariant: every layer's cache holds positions 0 .. idx.size(1) - 2; the last token is not yet fed
@@ -336,11 +398,11 @@ def speculative_decode(model, idx, max_new_tokens, temperature, top_k, generator
         # draft n tokens with the trunk and the drafting layers; their cache entries are the full model's
         token, states, drafts, draft_logits = idx[:, -1:], [], [], []
         for i in range(n):
-            x = model.run_trunk(model.embed(token, pos + i), cache)
+            x = model.run_trunk(steps.embed(token, pos + i), cache)
             for l in drafting:
-                x = blocks[l](x, cache[l])
+                x = layers[l](x, cache[l])
             states.append(x)
-            draft_logits.append(exit_logits(model, x)[:, -1])  # (B, V)
+            draft_logits.append(steps.head(x)[:, -1])  # (B, V)
             token = sample_next(draft_logits[-1], temperature, top_k, generator)  # (B, 1)
             drafts.append(token)
             if draft_confidence and draft_logits[-1].softmax(dim=-1).amax(dim=-1).min().item() < draft_confidence:
@@ -349,8 +411,8 @@ def speculative_decode(model, idx, max_new_tokens, temperature, top_k, generator
         # verify: the layers after the draft over the n drafted positions at once, from the draft's states
         x = torch.cat(states, dim=1)  # (B, n, C)
         for l in range(E, L):
-            x = blocks[l](x, cache[l])
-        k, new = accept(torch.cat(drafts, dim=1), torch.stack(draft_logits, dim=1), exit_logits(model, x), temperature,
+            x = layers[l](x, cache[l])
+        k, new = accept(torch.cat(drafts, dim=1), torch.stack(draft_logits, dim=1), steps.head(x), temperature,
                         top_k, generator)
         idx = torch.cat((idx, new), dim=1)
         model.truncate_cache(cache, idx.size(1) - 1)  # roll back what was computed for rejected drafts

@@ -6,7 +6,8 @@ import time
 import torch
 
 from bench_rows.protocol import speed, time_pair, val_memmap
-from early_exit import CRITERIA, EarlyExitDecoder, exit_logits
+from early_exit import CRITERIA, DecodeSteps, EarlyExitDecoder, exit_logits
+from model import decode_tokens
 from evaluate import decode_consistent_loss, evaluate_loss, fixed_windows
 
 
@@ -53,19 +54,42 @@ def engine_pair(b, other, **policy):
     return torch.equal(a, ref), t, stats
 
 
+def steps_full_decode(model, prompt, n):
+    """Greedy full-depth decode through the speculative engine's DecodeSteps (every layer, one token a step):
+    the control that tells what speculation gains from what fewer ops per layer gain."""
+    with torch.inference_mode():
+        steps, cache = DecodeSteps(model), model.new_cache(prompt.size(0))
+
+        def next_logits(idx):
+            pos = cache[-1].len
+            x = model.run_trunk(steps.embed(idx[:, pos:], pos), cache)
+            for l in model.post:
+                x = steps.layers[l](x, cache[l])
+            return steps.head(x)[:, -1]
+        greedy = lambda logits: logits.argmax(dim=-1, keepdim=True)  # noqa: E731
+        return torch.cat((prompt, *decode_tokens(next_logits, prompt, n, greedy)), dim=1)
+
+
 def speculative(b):
-    """self-speculative decode, batch 1, greedy: tok/s vs decode='full' of the same model"""
+    """self-speculative decode, batch 1, greedy: tok/s vs decode='full' of the same model, and vs full-depth
+    decode through the engine's own steps (speculation alone)"""
     if not applies(b):
         return None
-    out = {}
+    prompt, n = b.prompt[:1], b.new_tokens
+    steps_full = lambda: steps_full_decode(b.model, prompt, n)  # noqa: E731
+    a, ref, t = time_pair(steps_full, lambda: b.model.generate(prompt, n, temperature=0), b.runs, n, b.sync)
+    out = dict(steps_full_vs_full=dict(**speed(t), identical_tokens=torch.equal(a, ref)))
     for layers, tokens, *confidence in b.spec_sweep:
-        identical, t, stats = engine_pair(b, b.model, decode='speculative', draft_layers=layers, draft_tokens=tokens,
-                                          draft_confidence=confidence[0] if confidence else 0.0)
+        policy = dict(decode='speculative', draft_layers=layers, draft_tokens=tokens,
+                      draft_confidence=confidence[0] if confidence else 0.0)
+        identical, t, stats = engine_pair(b, b.model, **policy)
+        _, _, t_steps = time_pair(lambda: b.model.generate(prompt, n, temperature=0, **policy), steps_full, b.runs, n,
+                                  b.sync)
         stop = f', stop under {confidence[0]}' if confidence else ''
         out[f'draft {layers} layers x {tokens}{stop}'] = dict(
             **speed(t), full_tok_s=t['b']['median'], identical_tokens=identical,
-            acceptance_rate=stats['acceptance_rate'], tokens_per_pass=stats['tokens_per_pass'],
-            flops_per_token=stats['flops_per_token'])
+            ratio_vs_steps_full=t_steps['ratio']['median'], acceptance_rate=stats['acceptance_rate'],
+            tokens_per_pass=stats['tokens_per_pass'], flops_per_token=stats['flops_per_token'])
     return out
 
 

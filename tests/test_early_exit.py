@@ -9,7 +9,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from conftest import ROOT
-from early_exit import EarlyExitDecoder
+from early_exit import DecodeSteps, EarlyExitDecoder, exit_logits
 from model import token_probs
 from evaluate import decode_consistent_loss, evaluate_loss
 from model import GPT, GPTConfig
@@ -128,6 +128,31 @@ def test_speculative_greedy_equals_full_greedy(tiny_args, trained):
         assert stats['verify_passes'] <= 300 and 0 <= stats['acceptance_rate'] <= 1
     if trained:  # the drafts of a trained model mostly agree: several tokens per verification pass
         assert stats['tokens_per_pass'] > 2
+
+
+@pytest.mark.parametrize('kw', [{}, dict(bias=False, mlp_act='gelu_tanh'), dict(mlp_act='relu2', logit_softcap=15.0),
+                                dict(pos_emb='rope', enable_local_attention=True, local_attention_window=6),
+                                dict(enable_sparse_activation=True, sparsity_ratio=0.25, sparse_layers='1'),
+                                dict(enable_dynamic_routing=True, num_experts=3, experts_top_k=2, moe_layers='1'),
+                                dict(enable_early_exit=False, adaptive_compute='mod', mod_layers='2', mod_capacity=0.5)])
+def test_decode_steps_equal_the_modules_bit_for_bit(tiny_args, kw):
+    """The speculative engine's steps (inlined layers, or the modules where a layer is not plain) against the
+    modules' own forward: the same logits and the same cache contents, exactly, over 1 and several positions."""
+    model = make(tiny_args, **kw)
+    steps = DecodeSteps(model)
+    x = torch.randint(0, 50, (2, 12))
+    with torch.inference_mode():
+        ref, fast = model.new_cache(2), model.new_cache(2)
+        for a, b in ((0, 5), (5, 6), (6, 9)):  # a prefill, one token, a verification of three
+            h, g = model.embed(x[:, a:b], a), steps.embed(x[:, a:b], a)
+            assert torch.equal(h, g)
+            for l, block in enumerate(model.transformer.h):
+                h, g = block(h, ref[l]), steps.layers[l](g, fast[l])
+                assert torch.equal(h, g), (kw, l)
+            assert torch.equal(exit_logits(model, h), steps.head(g))
+        for r, f in zip(ref, fast):
+            assert r.len == f.len and torch.equal(r.k, f.k) and torch.equal(r.v, f.v)
+    assert sum(layer is not block for layer, block in zip(steps.layers, model.transformer.h)) >= (3 if not kw else 1)
 
 
 def test_speculative_past_block_size_falls_back_to_the_cropped_full_path(tiny_args):
