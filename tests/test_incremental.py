@@ -363,7 +363,7 @@ def test_experiment_headline_has_each_tasks_gap_to_joint(capsys):
     assert details['ewc']['forgetting_cut'] == pytest.approx({'A': 0.6, 'B': 0.9}) and details['ewc']['last_task_vs_naive'] == pytest.approx(0.1)
     exp.print_tables(results, runs, stages, headline, details)
     out = capsys.readouterr().out
-    assert 'A -> B -> C' in out and '1.2000 ( +9.1%)' in out and 'closest to joint: ewc' in out and 'cut A  60%' in out
+    assert 'A -> B -> C' in out and '1.2000 ( +9.1%)' in out and 'closest to joint: ewc (worst gap +10.0%)' in out and 'cut A  60%' in out
 
 
 def test_experiment_sweep_plans_a_run_per_value_of_the_methods_it_changes():
