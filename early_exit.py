@@ -282,10 +282,10 @@ def early_exit_decode(model, idx, max_new_tokens, temperature, top_k, generator,
 class DecodeSteps:
     """A model's embedding, layers and head as decode steps with few ops and no module calls where it can: at
     batch-1 decode of a small model the overhead of each op and each nn.Module call, not the arithmetic, is
-    most of a step (128 dims, one thread: a layer over one token 150 us through its modules, 110 here). A pre-norm layer runs its
-    norms, projections and MLP as functional ops on its own weights, and nanoGPT's attention inline, so its
-    output equals its forward's bit for bit; any other attention, MLP or layer (top-k, MoE, MoD, pondering)
-    runs its own module. In training mode (dropout) every step is the module's."""
+    most of a step (128 dims, one thread: a layer over one token 150 us through its modules, 110 here). A
+    pre-norm layer runs its norms, projections and MLP as functional ops on its own weights, and nanoGPT's
+    attention inline, so its output equals its forward's bit for bit; any other attention, MLP or layer
+    (top-k, MoE, MoD, pondering) runs its own module. In training mode (dropout) every step is the module's."""
 
     def __init__(self, model):
         t = model.transformer

@@ -93,6 +93,24 @@ def speculative(b):
     return out
 
 
+def speculative_batch(b):
+    """self-speculative decode, batched, greedy: tok/s vs decode='full' of the same model at the same batch"""
+    if not applies(b):
+        return None
+    prompt, n, out = b.prompt, b.new_tokens, {}
+    for layers, tokens, *confidence in b.spec_sweep:
+        stats = {}
+        policy = dict(decode='speculative', draft_layers=layers, draft_tokens=tokens,
+                      draft_confidence=confidence[0] if confidence else 0.0)
+        a, ref, t = time_pair(lambda: b.model.generate(prompt, n, temperature=0, stats=stats, **policy),
+                              lambda: b.model.generate(prompt, n, temperature=0), b.runs, n * prompt.size(0), b.sync)
+        stop = f', stop under {confidence[0]}' if confidence else ''
+        out[f'batch {prompt.size(0)}, draft {layers} layers x {tokens}{stop}'] = dict(
+            **speed(t), full_tok_s=t['b']['median'], identical_tokens=torch.equal(a, ref),
+            acceptance_rate=stats['acceptance_rate'], tokens_per_pass=stats['tokens_per_pass'])
+    return out
+
+
 def exit_costs(b):
     """early exit cost breakdown, batch 1, mid-generation (new_tokens / 2 cached positions): microseconds"""
     if not applies(b):
@@ -128,4 +146,4 @@ def exit_costs(b):
     return out
 
 
-ROWS = (exit_full, early_exit, speculative, exit_costs)
+ROWS = (exit_full, early_exit, speculative, speculative_batch, exit_costs)

@@ -295,15 +295,16 @@ def test_sample_show_compute_marks_each_character_with_its_exit_layer(tmp_path, 
 
 def test_bench_early_exit_rows(tmp_path, checkpoints):
     r = run('bench.py', '--ckpt=ee/ckpt.pt', '--baseline=base/ckpt.pt', f'--val_data={tmp_path}', '--exit_windows=1',
-            '--rows=exit_full,early_exit,speculative,exit_costs', '--new_tokens=20', '--runs=1', '--device=cpu',
-            '--exit_sweep=max_prob:2,0.1;margin:0.05', '--spec_sweep=1:2,2:3', '--json=b.json', cwd=tmp_path)
+            '--rows=exit_full,early_exit,speculative,speculative_batch,exit_costs', '--new_tokens=20', '--runs=1',
+            '--batch=3', '--device=cpu', '--exit_sweep=max_prob:2,0.1;margin:0.05', '--spec_sweep=1:2,2:3', '--json=b.json', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / 'b.json').read_text())['rows']
     sweep = rows['early_exit']
     assert sweep['tokens_scored'] == 64 and {'max_prob@2.0', 'max_prob@0.1', 'margin@0.05'} <= sweep.keys()
     assert sweep['max_prob@2.0']['val_loss'] == pytest.approx(sweep['full_val_loss'], rel=1e-5)
     assert sweep['max_prob@2.0']['gen_exit_layer'] == 4 and sweep['max_prob@0.1']['val_exit_layer'] < 4
-    assert all(s['identical_tokens'] for s in rows['speculative'].values())
+    assert all(s['identical_tokens'] for row in ('speculative', 'speculative_batch') for s in rows[row].values())
+    assert rows['speculative']['steps_full_vs_full']['identical_tokens'] and len(rows['speculative_batch']) == 2
     assert 'ratio' in rows['exit_full'] and rows['exit_costs']['check_learned_us'] > 0
 
 
