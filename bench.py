@@ -19,6 +19,7 @@ import torch
 
 from bench_rows import MECHANISM_ROWS
 from bench_rows.protocol import greedy, time_pair, val_memmap
+from bench_rows.roofline import roofline
 from bench_rows.sparse import teal_levels
 from checkpoint import build_model, from_pretrained, is_pretrained, load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_device, pick_dtype, synchronizer
@@ -158,7 +159,7 @@ def memory(b):
 
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is the row's
 # title. Rows run in this order; memory stays last so that its peak covers all of them.
-ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, val_loss,
+ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, roofline, val_loss,
                                 *MECHANISM_ROWS, decode_profile, memory)}
 
 

@@ -1,10 +1,12 @@
 """
-The README's results in one command. Trains what is missing (the CPU benchmark baseline, each mechanism
-alone and the combined EfficientGPT, all with config/train_bench_cpu.py's data, steps, seed and size),
-then measures every model against the cached baseline in one process (bench_rows.protocol.time_pair):
-$ python bench_suite.py                                # everything, on CPU
-$ python bench_suite.py --models=baseline,efficient_gpt --runs=3 --plot=results
-Prints a Markdown table, writes every figure to --json and, with --plot=DIR, two PNGs (needs matplotlib).
+The README's results in one command per size. Trains what is missing (nanoGPT's baseline, the strong dense
+baseline, each mechanism alone and the combined EfficientGPT, all on one size file's data, steps, seed and
+size), then measures every model against both cached baselines in one process: each timed call of a model
+alternates with one of each baseline (bench_rows.protocol.time_rounds).
+$ python bench_suite.py                                # the 128-dim benchmark, everything, on CPU
+$ python bench_suite.py --size=384                     # the 384-dim benchmark, where decode reads weights from memory
+$ python bench_suite.py --models=strong,efficient_gpt --runs=3 --plot=results
+Prints Markdown tables, writes every figure to --json and, with --plot=DIR, the frontier plot (needs matplotlib).
 """
 
 import json
@@ -21,31 +23,35 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench_rows.protocol import greedy, time_pair
+from bench_rows.protocol import greedy, stats, time_pair, time_rounds
+from bench_rows.roofline import gemv_sweeps, weight_matrices
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_dtype, synchronizer
 from configurator import configure_or_exit, describe, load_config_file
 from evaluate import bits, decoded_loss, decode_consistent_loss, evaluate_loss, streaming_loss
 
-BASE = 'config/train_bench_cpu.py'
-# name: (the config files it trains with, its decode: generate()'s engine and policy). The first is the baseline
-# every other model is timed against.
+# n_embd: (its size file, the evaluation interval of its trainings: the time to target_loss is read from them)
+SIZES = {128: ('config/train_bench_cpu.py', 100), 384: ('config/train_bench384_cpu.py', 250)}
+# name: (the recipe files it trains with over the size file, its decode: generate()'s engine and policy). The
+# first two are the baselines every model is timed against: nanoGPT's, and the strong dense one.
 MODELS = {
-    'baseline': ([BASE], {}),
-    'early_exit': ([BASE, 'config/train_bench_early_exit.py'], dict(decode='early_exit', criterion='saturation',
-                                                                     threshold=0.9)),
-    'topk': ([BASE, 'config/train_bench_topk_cpu.py'], {}),
-    'moe': ([BASE, 'config/train_bench_moe_cpu.py'], {}),
-    'act': ([BASE, 'config/bench_act.py'], {}),
-    'mod': ([BASE, 'config/bench_mod.py'], {}),
-    'local_rope': ([BASE, 'config/train_bench_local.py'], {}),
-    'hourglass': ([BASE, 'config/bench_hourglass_k4.py'], {}),
-    'efficient_gpt': (['config/train_efficient_gpt.py'], {}),
+    'baseline': ([], {}),
+    'strong': (['config/strong_baseline.py'], {}),
+    'early_exit': (['config/train_bench_early_exit.py'], dict(decode='early_exit', criterion='saturation',
+                                                              threshold=0.9)),
+    'topk': (['config/train_bench_topk_cpu.py'], {}),
+    'moe': (['config/train_bench_moe_cpu.py'], {}),
+    'act': (['config/bench_act.py'], {}),
+    'mod': (['config/bench_mod.py'], {}),
+    'local_rope': (['config/train_bench_local.py'], {}),
+    'hourglass': (['config/bench_hourglass_k4.py'], {}),
+    'efficient_gpt': (['config/efficient_gpt.py'], {}),
 }
+BASELINES = list(MODELS)[:2]
 DEFAULTS = dict(
-    models=','.join(MODELS),  # comma list of MODELS; the baseline is always measured
+    size=128,  # n_embd of the benchmark: 128 (per-op overhead bound at batch 1) or 384 (weight reads bound)
+    models=','.join(MODELS),  # comma list of MODELS; both baselines are always measured
     jobs=os.cpu_count() or 1,  # trainings at once, each with cpu_count // jobs threads
-    eval_interval=100,  # passed to every training: its evaluations give the time to target_loss
     device='cpu',  # 'cuda' trains and measures on the GPU
     dtype='auto',  # auto: bfloat16 autocast on a GPU that supports it, float32 elsewhere
     compile=False,  # torch.compile every model measured (the first calls of each compile it: minutes)
@@ -58,33 +64,32 @@ DEFAULTS = dict(
     stream_eval_tokens=4096,  # a streaming model's loss past block_size over this much val text read as one
     val_windows=16,  # quality: the first N fixed windows of val.bin (N * block_size characters)
     exit_sweep='0.995,0.99,0.95,0.9,0.8',  # early exit: thresholds on the speed-vs-quality plot
-    target_loss=2.2,  # time to reach this val loss (nanoGPT's estimate, eval_iters batches) in training
+    target_loss=0.0,  # time to reach this val loss in training (nanoGPT's estimate); 0: the strong baseline's final one
     json='bench_suite.json',
-    plot='',  # a folder for speed_vs_quality.png and exit_layers.png
+    plot='',  # a folder for frontier_<size>.png and <model>_exit_layers.png
     report='',  # a JSON file of an earlier run: print its table (and --plot it) without measuring anything
 )
 
 
-def out_dir_of(files):
-    settings = {}
-    for f in files:
-        settings.update(load_config_file(os.path.join(REPO, f)))
-    return os.path.join(REPO, settings['out_dir'])
+def out_dir_of(name, size):
+    return os.path.join(REPO, f"out-bench{'' if size == 128 else size}-{name}")
 
 
 def train_missing(names, cfg):
     """Train, in parallel, every model of names whose checkpoint is missing; each logs to out_dir/train.log."""
-    todo = [n for n in names if not os.path.exists(os.path.join(out_dir_of(MODELS[n][0]), 'ckpt.pt'))]
+    size_file, eval_interval = SIZES[cfg['size']]
+    todo = [n for n in names if not os.path.exists(os.path.join(out_dir_of(n, cfg['size']), 'ckpt.pt'))]
     if not todo:
         return
     threads = max(1, (os.cpu_count() or 1) // cfg['jobs'])
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
 
     def train(name):
-        files, out_dir = MODELS[name][0], out_dir_of(MODELS[name][0])
+        out_dir = out_dir_of(name, cfg['size'])
         os.makedirs(out_dir, exist_ok=True)
-        cmd = [sys.executable, os.path.join(REPO, 'train_efficient.py'), *files, f"--eval_interval={cfg['eval_interval']}",
-               f"--device={cfg['device']}", f"--dtype={cfg['dtype']}", '--progress=False']
+        cmd = [sys.executable, os.path.join(REPO, 'train_efficient.py'), size_file, *MODELS[name][0],
+               f'--out_dir={out_dir}', f'--eval_interval={eval_interval}', f"--device={cfg['device']}",
+               f"--dtype={cfg['dtype']}", '--progress=False']
         with open(os.path.join(out_dir, 'train.log'), 'w') as log:
             if subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
                 fail(f"training {name} failed: see {os.path.join(out_dir, 'train.log')}")
@@ -97,7 +102,7 @@ def train_missing(names, cfg):
 
 
 def load(name, cfg):
-    ckpt = load_checkpoint(os.path.join(out_dir_of(MODELS[name][0]), 'ckpt.pt'), cfg['device'])
+    ckpt = load_checkpoint(os.path.join(out_dir_of(name, cfg['size']), 'ckpt.pt'), cfg['device'])
     model = model_from_checkpoint(ckpt)[0].to(cfg['device']).eval()
     if cfg['compile']:
         model.compile()  # compiles model(...), which every decode path calls
@@ -105,38 +110,54 @@ def load(name, cfg):
 
 
 def training_figures(ckpt, target):
-    """Training tok/s and the training time (evaluations excluded) to the first evaluation at or below target."""
+    """Training tok/s, its loss curve (training seconds, evaluations excluded, against val loss) and the training
+    time to the first evaluation at or below target."""
     history = ckpt.get('eval_history') or []
     if not history or not history[-1]['train_seconds']:
-        return dict(train_tok_s=None, seconds_to_target=None)
+        return dict(train_tok_s=None, seconds_to_target=None, final_val_loss=ckpt.get('final_val_loss'))
     hit = next((h for h in history if h['val_loss'] <= target), None)
     return dict(train_tok_s=history[-1]['tokens'] / history[-1]['train_seconds'],
-                seconds_to_target=hit['train_seconds'] if hit else None, final_val_loss=ckpt.get('final_val_loss'))
+                seconds_to_target=hit['train_seconds'] if hit else None, final_val_loss=ckpt.get('final_val_loss'),
+                loss_curve=[(h['train_seconds'], h['val_loss']) for h in history])
 
 
-def measure(m, base, data, cfg, prompts, sync, decode):
-    """One model's row: speed against the cached baseline at batch 1 and batched, quality as it decodes, work
-    per token, KV-cache bytes, and for a streaming model its decode past block_size against the baseline's
-    uncached reference path and its loss there. decode: generate()'s engine and policy for this model."""
+def against(name, fn, baseline_fns, runs, work, sync):
+    """Model name's call fn timed in turn with each baseline's call (but its own): its stats, and the stats of
+    its per-round speed ratio against each baseline by name (exactly 1 against itself)."""
+    rivals = [b for b in baseline_fns if b != name]
+    _, rates, ratios = time_rounds([fn, *(baseline_fns[b] for b in rivals)], runs, work, sync)
+    vs = {b: stats([1.0]) for b in baseline_fns}
+    vs.update(zip(rivals, ratios))
+    return rates[0], vs
+
+
+def measure(name, m, baselines, data, cfg, prompts, sync, decode):
+    """One model's row: speed against both cached baselines at batch 1 and batched, quality as it decodes, work
+    and weight bytes per token, KV-cache bytes, and for a streaming model its decode past block_size against the
+    nanoGPT baseline's uncached reference path and its loss there. decode: generate()'s engine and policy."""
     n, runs = cfg['new_tokens'], cfg['runs']
 
-    def gen(model, prompt, tokens, **extra):
-        return lambda: model.generate(prompt, tokens, temperature=0, **extra)
+    def gen(model, prompt, tokens, **policy):
+        return lambda: model.generate(prompt, tokens, temperature=0, **policy)
 
-    _, _, b1 = time_pair(gen(m, prompts[:1], n, **decode), gen(base, prompts[:1], n), runs, n, sync)
-    # batched: the early-exit engines are batch 1, so a batched row is the full decode
-    _, _, b16 = time_pair(gen(m, prompts, n), gen(base, prompts, n), runs, n * prompts.size(0), sync)
+    def timed(prompt):
+        """n tokens after prompt: this model with its decode policy, in turn with each baseline in full."""
+        return against(name, gen(m, prompt, n, **decode), {b: gen(bm, prompt, n) for b, bm in baselines.items()},
+                       runs, n * prompt.size(0), sync)
+
+    b1, b1_vs = timed(prompts[:1])
+    batch, batch_vs = timed(prompts)
     q = decoded_loss(m, data, m.config.block_size, cfg['val_windows'], cfg['batch'], cfg['device'], **decode)
     stream, cache = greedy(m)
     for _ in stream(prompts[:1], n):
         pass
     cost = m.decode_cost((n + 1) / 2)  # mean positions attended over the generation
-    row = dict(decode_tok_s=b1['a']['median'], vs_cached=b1['ratio'], batch_tok_s=b16['a']['median'],
-               batch_vs_cached=b16['ratio'], val_loss=q['loss'], bits=bits(q['loss']),
-               flops_per_token=q.get('flops_per_token', cost.flops), weight_bytes_per_token=cost.weight_bytes,
-               kv_cache_bytes=sum(c.nbytes for c in cache),
+    row = dict(decode_tok_s=b1['median'], vs=b1_vs, batch_tok_s=batch['median'], batch_vs=batch_vs,
+               val_loss=q['loss'], bits=bits(q['loss']), flops_per_token=q.get('flops_per_token', cost.flops),
+               weight_bytes_per_token=cost.weight_bytes, kv_cache_bytes=sum(c.nbytes for c in cache),
                **{k: q[k] for k in ('mean_exit_layer', 'exit_layer_counts') if k in q})
     if getattr(m, 'streams', False):  # the reference path recomputes block_size positions every step
+        base = baselines[BASELINES[0]]
         _, _, past = time_pair(gen(m, prompts[:1], cfg['past_tokens'], **decode),
                                gen(base, prompts[:1], cfg['past_tokens'], use_cache=False),
                                cfg['reference_runs'], cfg['past_tokens'], sync)
@@ -145,7 +166,9 @@ def measure(m, base, data, cfg, prompts, sync, decode):
 
 
 def reference(base, cfg, prompts, sync):
-    """nanoGPT's uncached generate against the cached baseline: batch 1, batched, and past block_size."""
+    """nanoGPT's uncached generate against the cached baseline (batch 1, batched, and past block_size), and the
+    decode roofline: how fast GEMVs over the baseline's own matrices read weights here, timed in turn with its
+    batch-1 decode (bench_rows.roofline)."""
     def gen(prompt, tokens, use_cache):
         return lambda: base.generate(prompt, tokens, temperature=0, use_cache=use_cache)
     n, runs = cfg['new_tokens'], cfg['reference_runs']
@@ -153,7 +176,10 @@ def reference(base, cfg, prompts, sync):
     for key, prompt, tokens in (('b1', prompts[:1], n), ('batch', prompts, n), ('past', prompts[:1], cfg['past_tokens'])):
         _, _, t = time_pair(gen(prompt, tokens, False), gen(prompt, tokens, True), runs, tokens * prompt.size(0), sync)
         figures.update({f'{key}_tok_s': t['a']['median'], f'{key}_vs_cached': t['ratio']})
-    return figures
+    per_token = base.decode_cost((n + 1) / 2).weight_bytes
+    sweep, read = gemv_sweeps(weight_matrices(base), n)
+    _, (decode, speed), _ = time_rounds([gen(prompts[:1], n, True), sweep], cfg['runs'], [n, read], sync)
+    return dict(figures, read_bytes_s=speed['median'], baseline_roofline_fraction=decode['median'] * per_token / speed['median'])
 
 
 def stream_quality(m, data, cfg):
@@ -166,7 +192,8 @@ def stream_quality(m, data, cfg):
 
 
 def exit_sweep(m, base, data, cfg, prompts, sync, decode):
-    """Early exit's speed and decode-consistent loss at each threshold of exit_sweep (the plot's curve)."""
+    """Early exit's speed and decode-consistent loss at each threshold of exit_sweep (the plot's curve), timed
+    against nanoGPT's cached baseline."""
     points, n = [], cfg['new_tokens']
     for threshold in (float(t) for t in cfg['exit_sweep'].split(',')):
         policy = {**decode, 'threshold': threshold}
@@ -174,7 +201,7 @@ def exit_sweep(m, base, data, cfg, prompts, sync, decode):
                             lambda: base.generate(prompts[:1], n, temperature=0), cfg['runs'], n, sync)
         q = decode_consistent_loss(m, data, m.config.block_size, cfg['val_windows'], policy['criterion'], threshold,
                                    cfg['device'])
-        points.append(dict(threshold=threshold, vs_cached=t['ratio'], val_loss=q['loss']))
+        points.append(dict(threshold=threshold, tok_s=t['a']['median'], vs_cached=t['ratio'], val_loss=q['loss']))
     return points
 
 
@@ -182,48 +209,51 @@ def fmt_ratio(x):
     return f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
 
 
-def fmt_row(name, r, base_loss):
-    ratio = fmt_ratio
+def delta(loss, reference):
+    return f"{100 * (loss - reference) / reference:+.1f}%"
+
+
+def fmt_row(name, r, rows, read_bytes_s):
     to_target = f"{r['seconds_to_target']:.0f} s" if r.get('seconds_to_target') else '—'
     whole = f"{r['final_val_loss']:.4f}" if r.get('final_val_loss') else '—'
     train = f"{r['train_tok_s']:,.0f}" if r.get('train_tok_s') else '—'
-    return (f"| {name} | {r['decode_tok_s']:,.0f} | {ratio(r['vs_cached'])} | {r['batch_tok_s']:,.0f} | "
-            f"{ratio(r['batch_vs_cached'])} | {r['val_loss']:.4f} | {r['bits']:.3f} | "
-            f"{100 * (r['val_loss'] - base_loss) / base_loss:+.1f}% | {whole} | {r['flops_per_token'] / 1e6:.2f} | "
-            f"{r['kv_cache_bytes'] / 1024:.0f} | {train} | {to_target} |")
+    roof = 100 * r['decode_tok_s'] * r['weight_bytes_per_token'] / read_bytes_s
+    cells = [name, f"{r['decode_tok_s']:,.0f}", *(fmt_ratio(r['vs'][b]) for b in BASELINES), f"{roof:.0f}%",
+             f"{r['batch_tok_s']:,.0f}", *(fmt_ratio(r['batch_vs'][b]) for b in BASELINES), f"{r['val_loss']:.4f}",
+             *(delta(r['val_loss'], rows[b]['val_loss']) for b in BASELINES), whole,
+             f"{r['flops_per_token'] / 1e6:.2f}", f"{r['weight_bytes_per_token'] / 2**20:.2f}",
+             f"{r['kv_cache_bytes'] / 1024:.0f}", train, to_target]
+    return '| ' + ' | '.join(cells) + ' |'
 
 
 def report(results, cfg, header):
-    rows = results['rows']
-    base = rows[next(iter(rows))]  # the first row is the baseline
+    rows, ref = results['rows'], results['reference']
     print(header)
-    print(f"\nbatch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a one-token prompt; ratios are "
-          f"medians of per-pair ratios against the cached baseline (min-max), {cfg['runs']} runs each "
-          f"({cfg['reference_runs']} for the batched and past-block_size reference paths). Val loss: as each model "
-          f"decodes, over the first {cfg['val_windows']} fixed windows of val.bin; the forward loss over the whole "
-          f"split is the training run's final evaluation")
-    print("\n| model | tok/s b=1 | vs cached | tok/s b=%d | vs cached | val loss | bits/char | Δ loss | forward loss, "
-          "whole val | MFLOPs/token | KV KiB | train tok/s | train time to %.2f |" % (cfg['batch'], cfg['target_loss']))
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    ref = results.get('reference')
-    if ref:
-        print(f"| uncached reference (nanoGPT's generate) | {ref['b1_tok_s']:,.0f} | {fmt_ratio(ref['b1_vs_cached'])} | "
-              f"{ref['batch_tok_s']:,.0f} | {fmt_ratio(ref['batch_vs_cached'])} | | | | | | | | |")
+    print(f"\n{cfg['size']}-dim models. Batch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a "
+          f"one-token prompt; ratios are medians of per-round ratios against each cached baseline (min-max), "
+          f"{cfg['runs']} rounds ({cfg['reference_runs']} for the reference paths). % roofline: batch-1 weight bytes "
+          f"read per second over the {ref['read_bytes_s'] / 1e9:.2f} GB/s that GEMVs over the baseline's matrices "
+          f"read here. Val loss: as each model decodes, over the first {cfg['val_windows']} fixed windows of "
+          f"val.bin; the whole-split loss is the training run's final evaluation. Training time to "
+          f"{results['target_loss']:.4f}: evaluations excluded")
+    print(f"\n| model | tok/s b=1 | vs baseline | vs strong | % roofline | tok/s b={cfg['batch']} | vs baseline | "
+          f"vs strong | val loss | Δ vs baseline | Δ vs strong | whole-split loss | MFLOPs/token | weight MiB/token | "
+          f"KV KiB | train tok/s | train time to {results['target_loss']:.4f} |")
+    print('|---' * 17 + '|')
+    print(f"| uncached reference (nanoGPT's generate) | {ref['b1_tok_s']:,.0f} | {fmt_ratio(ref['b1_vs_cached'])} | | | "
+          f"{ref['batch_tok_s']:,.0f} | {fmt_ratio(ref['batch_vs_cached'])} |" + ' |' * 11)
     for name, r in rows.items():
-        print(fmt_row(name, r, base['val_loss']))
-    if not ref:
-        return
-    print(f"\n{cfg['past_tokens']} new tokens, past block_size, batch 1, against the baseline's uncached reference "
-          f"path ({ref['past_tok_s']:,.0f} tok/s; the cached baseline recomputes the cropped context there too, "
-          f"{fmt_ratio(ref['past_vs_cached'])} of its speed):\n")
+        print(fmt_row(name, r, rows, ref['read_bytes_s']))
+    print(f"\n{cfg['past_tokens']} new tokens, past block_size, batch 1, against the nanoGPT baseline's uncached "
+          f"reference path ({ref['past_tok_s']:,.0f} tok/s; the cached baseline recomputes the cropped context there "
+          f"too, {fmt_ratio(ref['past_vs_cached'])} of its speed):\n")
     print(f"| model | tok/s | vs uncached reference | loss past block_size, streamed over {cfg['stream_eval_tokens']:,} "
           f"val tokens | the same positions in fixed windows |\n|---|---|---|---|---|")
     for name, r in rows.items():
         if 'past_tok_s' in r:
             x = r['past_vs_reference']
-            losses = (f"{r['stream_loss_past_block']:.4f} | {r['window_loss_past_block']:.4f}"
-                      if 'stream_loss_past_block' in r else '— | —')
-            print(f"| {name} | {r['past_tok_s']:,.0f} | {x['median']:.1f}x ({x['min']:.1f}-{x['max']:.1f}) | {losses} |")
+            print(f"| {name} | {r['past_tok_s']:,.0f} | {x['median']:.1f}x ({x['min']:.1f}-{x['max']:.1f}) | "
+                  f"{r['stream_loss_past_block']:.4f} | {r['window_loss_past_block']:.4f} |")
 
 
 def plot(results, folder):
@@ -235,24 +265,30 @@ def plot(results, folder):
         print("--plot needs matplotlib: pip install -e '.[plot]'")
         return
     os.makedirs(folder, exist_ok=True)
-    rows = results['rows']
-    base_loss = rows[next(iter(rows))]['val_loss']
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows, size = results['rows'], results['config']['size']
+    fig, (speed, train) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, r in rows.items():
-        x = r['vs_cached']['median']
-        ax.scatter(x, r['val_loss'], zorder=3)
-        ax.annotate(name, (x, r['val_loss']), textcoords='offset points', xytext=(5, 4))
+        style = dict(marker='s', s=60, zorder=4) if name in BASELINES else dict(zorder=3)
+        speed.scatter(r['decode_tok_s'], r['val_loss'], **style)
+        speed.annotate(name, (r['decode_tok_s'], r['val_loss']), textcoords='offset points', xytext=(5, 4))
+        if r.get('loss_curve'):
+            seconds, losses = zip(*r['loss_curve'])
+            train.plot(seconds, losses, 'o-', ms=3, lw=2.2 if name in BASELINES else 1.2, label=name)
     if results.get('exit_sweep'):
         pts = results['exit_sweep']
-        ax.plot([p['vs_cached']['median'] for p in pts], [p['val_loss'] for p in pts], 'o--', color='grey',
-                label='early exit, thresholds ' + ', '.join(str(p['threshold']) for p in pts))
-    ax.axhline(1.02 * base_loss, color='red', lw=0.8, ls=':', label='baseline loss + 2%')
-    ax.axvline(2.0, color='green', lw=0.8, ls=':', label='2x the cached baseline')
-    ax.set_xlabel('batch-1 decode speed vs the cached baseline (x)')
-    ax.set_ylabel('val loss as decoded (nats/char)')
-    ax.legend(fontsize=8)
+        speed.plot([p['tok_s'] for p in pts], [p['val_loss'] for p in pts], 'o--', color='grey',
+                   label='early exit, thresholds ' + ', '.join(str(p['threshold']) for p in pts))
+        speed.legend(fontsize=8)
+    speed.set_xscale('log')
+    speed.set_xlabel('batch-1 decode, tokens/s (log)')
+    speed.set_ylabel('val loss as decoded (nats/token)')
+    speed.set_title(f'{size} dims: speed and quality (down and right is better)')
+    train.set_xlabel('training seconds (evaluations excluded)')
+    train.set_ylabel('val loss (estimate)')
+    train.set_title(f'{size} dims: val loss against training wall-clock')
+    train.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, 'speed_vs_quality.png'), dpi=120)
+    fig.savefig(os.path.join(folder, f'frontier_{size}.png'), dpi=120)
     for name, r in rows.items():
         if 'exit_layer_counts' not in r:
             continue
@@ -260,7 +296,7 @@ def plot(results, folder):
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.bar(range(1, len(counts) + 1), [c / sum(counts) for c in counts])
         ax.set_xlabel('layers run before the token exits')
-        ax.set_ylabel('fraction of val characters')
+        ax.set_ylabel('fraction of val tokens')
         ax.set_title(f"{name}: {', '.join(f'{k} {v}' for k, v in MODELS[name][1].items())}")
         fig.tight_layout()
         fig.savefig(os.path.join(folder, f'{name}_exit_layers.png'), dpi=120)
@@ -276,8 +312,9 @@ def main():
         if cfg['plot']:
             plot(results, cfg['plot'])
         return
-    baseline = next(iter(MODELS))
-    names = [baseline] + [n for n in cfg['models'].split(',') if n and n != baseline]
+    if cfg['size'] not in SIZES:
+        fail(f"--size={cfg['size']}: choose from {', '.join(map(str, SIZES))}")
+    names = BASELINES + [n for n in cfg['models'].split(',') if n and n not in BASELINES]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         fail(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
@@ -288,26 +325,30 @@ def main():
     device = cfg['device']
     dtype = pick_dtype(cfg['dtype'], device)
     sync = synchronizer(device)
-    base, _ = load(baseline, cfg)
+    loaded = {b: load(b, cfg) for b in BASELINES}
+    baselines = {b: m for b, (m, _) in loaded.items()}
+    base = baselines[BASELINES[0]]
+    strong_history = loaded[BASELINES[1]][1].get('eval_history') or [dict(val_loss=0.0)]
     data = np.memmap(os.path.join(REPO, 'data', 'shakespeare_char', 'val.bin'), dtype=np.uint16, mode='r')
     prompts = torch.randint(base.config.vocab_size, (cfg['batch'], 1), device=device)
     results = dict(config=cfg, rows={}, torch=torch.__version__, threads=torch.get_num_threads(), device=device, dtype=dtype,
                    date=date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
-                   load_average=os.getloadavg())
+                   load_average=os.getloadavg(), target_loss=cfg['target_loss'] or strong_history[-1]['val_loss'])
     with torch.no_grad(), autocast(device, dtype):
         results['reference'] = reference(base, cfg, prompts, sync)
         for name in tqdm(names, unit='model', desc='measuring'):
-            m, ckpt = load(name, cfg)
+            m, ckpt = loaded.get(name) or load(name, cfg)
             decode = MODELS[name][1]
-            row = measure(m, base, data, cfg, prompts, sync, decode)
-            results['rows'][name] = {**row, **training_figures(ckpt, cfg['target_loss'])}
+            row = measure(name, m, baselines, data, cfg, prompts, sync, decode)
+            results['rows'][name] = {**row, **training_figures(ckpt, results['target_loss'])}
             if decode.get('decode') == 'early_exit':
                 results['exit_sweep'] = exit_sweep(m, base, data, cfg, prompts, sync, decode)
     results['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results['seconds'] = time.time() - start
     header = (f"bench_suite.py {' '.join(sys.argv[1:])}: {results['date']}, {results['machine']}, torch {torch.__version__}, "
-              f"{device}, {dtype}, {'compiled' if cfg['compile'] else 'no compile'}, {results['threads']} thread(s), load average {results['load_average'][0]:.1f}, "
-              f"{results['seconds'] / 60:.1f} min in all, peak RSS {results['peak_rss_bytes'] / 2**20:.0f} MiB")
+              f"{device}, {dtype}, {'compiled' if cfg['compile'] else 'no compile'}, {results['threads']} thread(s), "
+              f"load average {results['load_average'][0]:.1f}, {results['seconds'] / 60:.1f} min in all, "
+              f"peak RSS {results['peak_rss_bytes'] / 2**20:.0f} MiB")
     results['header'] = header
     report(results, cfg, header)
     if cfg['json']:

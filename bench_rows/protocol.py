@@ -23,22 +23,29 @@ def stats(xs):
     return dict(median=statistics.median(xs), min=min(xs), max=max(xs), runs=xs)
 
 
-def time_pair(fn_a, fn_b, runs, work, sync):
-    """One untimed warm-up call of each function, then `runs` timed calls of each alternating A B A B, so
-    that a noisy neighbour slows both alike. work is what one call does (e.g. tokens); sync waits for the
-    device. Returns the warm-up outputs (for parity checks) and the stats (median, min, max) of work/s for
-    A and B and of the per-pair A/B."""
-    out_a, out_b = fn_a(), fn_b()
+def time_rounds(fns, runs, work, sync):
+    """One untimed warm-up call of each function, then `runs` rounds that call each once in turn (A B C A B C),
+    so that a noisy neighbour slows all alike. work is what one call does (e.g. tokens), or a list of each
+    function's; sync waits for the device. Returns the warm-up outputs (for parity checks), the stats (median, min, max) of each function's
+    work/s, and the stats of the per-round ratio of the first function's work/s to each other's."""
+    outs = [fn() for fn in fns]
     sync()
-    rate_a, rate_b = [], []
+    rates = [[] for _ in fns]
+    works = work if isinstance(work, (list, tuple)) else [work] * len(fns)
     for _ in range(runs):
-        for fn, rates in ((fn_a, rate_a), (fn_b, rate_b)):
+        for fn, r, w in zip(fns, rates, works):
             t0 = time.perf_counter()
             fn()
             sync()
-            rates.append(work / (time.perf_counter() - t0))
-    ratios = [a / b for a, b in zip(rate_a, rate_b)]
-    return out_a, out_b, dict(a=stats(rate_a), b=stats(rate_b), ratio=stats(ratios))
+            r.append(w / (time.perf_counter() - t0))
+    ratios = [stats([a / b for a, b in zip(rates[0], r)]) for r in rates[1:]]
+    return outs, [stats(r) for r in rates], ratios
+
+
+def time_pair(fn_a, fn_b, runs, work, sync):
+    """time_rounds of two functions: the warm-up outputs and dict(a=, b=, ratio=) of the stats (A over B)."""
+    (out_a, out_b), (a, b), (ratio,) = time_rounds((fn_a, fn_b), runs, work, sync)
+    return out_a, out_b, dict(a=a, b=b, ratio=ratio)
 
 
 def speed(t):

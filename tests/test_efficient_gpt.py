@@ -16,7 +16,7 @@ from model import GPT, GPTConfig
 from model_efficient import EfficientGPT, EfficientGPTConfig
 
 CONFIG = load_config_file(os.path.join(bench_suite.REPO, 'config', 'train_efficient_gpt.py'))
-BASE = load_config_file(os.path.join(bench_suite.REPO, bench_suite.BASE))
+BASE = load_config_file(os.path.join(bench_suite.REPO, bench_suite.SIZES[128][0]))
 MECHANISM_KEYS = {f.name for f in fields(EfficientGPTConfig)} - {f.name for f in fields(GPTConfig)}
 
 
@@ -69,20 +69,24 @@ def test_shortened_window_is_capped_at_the_groups_training_shows():
     torch.testing.assert_close(model(x, x)[0], full(x, x)[0])
 
 
-def test_suite_models_train_with_existing_configs_into_their_own_folders():
-    dirs = [bench_suite.out_dir_of(files) for files, _ in bench_suite.MODELS.values()]
+def test_suite_models_train_with_existing_recipes_into_their_own_folders():
+    dirs = [bench_suite.out_dir_of(name, size) for name in bench_suite.MODELS for size in bench_suite.SIZES]
     assert len(set(dirs)) == len(dirs)
-    for files, _ in bench_suite.MODELS.values():
-        assert all(os.path.isfile(os.path.join(bench_suite.REPO, f)) for f in files)
+    for size_file, _ in bench_suite.SIZES.values():
+        assert load_config_file(os.path.join(bench_suite.REPO, size_file))['n_layer'] == BASE['n_layer']
+    for files, _ in bench_suite.MODELS.values():  # recipes only: the size file sets data, steps, seed and size
+        for f in files:
+            assert open(os.path.join(bench_suite.REPO, f)).readline().startswith('# Recipe'), f
 
 
 def test_time_to_target_is_the_first_evaluation_at_or_below_it():
     history = [dict(iter=i, tokens=i * 10, train_seconds=i / 10, val_loss=loss)
                for i, loss in ((0, 4.0), (100, 2.5), (200, 2.15), (300, 2.2), (400, 2.0))]
     figures = bench_suite.training_figures({'eval_history': history, 'final_val_loss': 2.01}, target=2.2)
-    assert figures == dict(train_tok_s=100.0, seconds_to_target=20.0, final_val_loss=2.01)
+    assert figures == dict(train_tok_s=100.0, seconds_to_target=20.0, final_val_loss=2.01,
+                           loss_curve=[(h['train_seconds'], h['val_loss']) for h in history])
     assert bench_suite.training_figures({'eval_history': history}, target=1.0)['seconds_to_target'] is None
-    assert bench_suite.training_figures({}, target=2.2) == dict(train_tok_s=None, seconds_to_target=None)
+    assert bench_suite.training_figures({}, target=2.2)['seconds_to_target'] is None
 
 
 def test_unknown_model_is_an_error(capsys, monkeypatch):
@@ -95,20 +99,24 @@ def test_unknown_model_is_an_error(capsys, monkeypatch):
 def test_report_of_an_earlier_run(tmp_path, capsys, monkeypatch):
     def ratio(x):
         return dict(median=x, min=x, max=x)
-    row = dict(decode_tok_s=1000.0, vs_cached=ratio(2.5), batch_tok_s=9000.0, batch_vs_cached=ratio(1.5),
-               val_loss=2.0, bits=2.885, flops_per_token=2e6, kv_cache_bytes=4096, train_tok_s=7000.0,
-               seconds_to_target=120.0)
-    base = dict(row, vs_cached=ratio(1.0))
+    row = dict(decode_tok_s=1000.0, vs=dict(baseline=ratio(2.5), strong=ratio(2.0)), batch_tok_s=9000.0,
+               batch_vs=dict(baseline=ratio(1.5), strong=ratio(1.2)), val_loss=2.0, bits=2.885, flops_per_token=2e6,
+               weight_bytes_per_token=4e6, kv_cache_bytes=4096, train_tok_s=7000.0, seconds_to_target=120.0)
+    base = dict(row, vs=dict(baseline=ratio(1.0), strong=ratio(0.8)))
+    strong = dict(row, decode_tok_s=1250.0, val_loss=1.8, vs=dict(baseline=ratio(1.25), strong=ratio(1.0)))
     reference = dict(b1_tok_s=150.0, b1_vs_cached=ratio(0.14), batch_tok_s=300.0, batch_vs_cached=ratio(0.03),
-                     past_tok_s=70.0, past_vs_cached=ratio(0.7))
-    results = dict(config=dict(bench_suite.DEFAULTS), header='a header', reference=reference,
-                   rows=dict(baseline=base, efficient_gpt=dict(row, val_loss=2.02, past_tok_s=2100.0,
-                                                               past_vs_reference=ratio(30.0))))
+                     past_tok_s=70.0, past_vs_cached=ratio(0.7), read_bytes_s=8e9)
+    results = dict(config=dict(bench_suite.DEFAULTS), header='a header', reference=reference, target_loss=1.8,
+                   rows=dict(baseline=base, strong=strong,
+                             efficient_gpt=dict(row, val_loss=2.02, past_tok_s=2100.0, past_vs_reference=ratio(30.0),
+                                                stream_loss_past_block=1.9, window_loss_past_block=1.95)))
     (tmp_path / 'r.json').write_text(__import__('json').dumps(results))
     monkeypatch.setattr('sys.argv', ['bench_suite.py', f"--report={tmp_path / 'r.json'}"])
     bench_suite.main()
     out = capsys.readouterr().out
-    assert '| efficient_gpt | 1,000 | 2.50x (2.50-2.50) |' in out and '+1.0%' in out
+    # ratios and loss changes against both baselines; 1,000 tok/s * 4 MB / 8 GB/s is half the roofline
+    assert '| efficient_gpt | 1,000 | 2.50x (2.50-2.50) | 2.00x (2.00-2.00) | 50% |' in out
+    assert '| 2.0200 | +1.0% | +12.2% |' in out
     assert '| uncached reference' in out and '0.14x' in out and '| efficient_gpt | 2,100 | 30.0x' in out
 
 
@@ -127,15 +135,22 @@ def test_suite_row_of_a_streaming_model_against_the_baseline():
     model, data = tiny_combined(), (np.arange(400) % 50).astype(np.uint16)
     torch.manual_seed(1)
     base = EfficientGPT(EfficientGPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50)).eval()
+    strong = EfficientGPT(EfficientGPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50,
+                                             pos_emb='rope')).eval()
     cfg = dict(bench_suite.DEFAULTS, new_tokens=8, batch=2, runs=1, reference_runs=1, past_tokens=40, val_windows=2,
                stream_eval_tokens=64, device='cpu')
     prompts = torch.randint(50, (2, 1))
     with torch.no_grad():
-        row = bench_suite.measure(model, base, data, cfg, prompts, lambda: None, {})
+        row = bench_suite.measure('efficient_gpt', model, dict(baseline=base, strong=strong), data, cfg, prompts,
+                                  lambda: None, {})
+        base_row = bench_suite.measure('baseline', base, dict(baseline=base, strong=strong), data, cfg, prompts,
+                                       lambda: None, {})
         ref = bench_suite.reference(base, cfg, prompts, lambda: None)
     # the loss read through the cached decode is the forward's: the model decodes what it trained
     assert row['val_loss'] == pytest.approx(evaluate_loss(model, data, 32, 2, 2), rel=1e-4)
     # the shortened layers run once per k tokens: less work than the same layers at full resolution
     assert row['flops_per_token'] == model.decode_cost(4.5).flops < GPT.decode_cost(model, 4.5).flops
     assert row['past_vs_reference']['median'] > 0 and 'stream_loss_past_block' in row and row['kv_cache_bytes'] > 0
-    assert {'b1_vs_cached', 'batch_vs_cached', 'past_vs_cached'} <= ref.keys()
+    assert {'b1_vs_cached', 'batch_vs_cached', 'past_vs_cached'} <= ref.keys() and ref['read_bytes_s'] > 0
+    assert row['vs'].keys() == row['batch_vs'].keys() == {'baseline', 'strong'}
+    assert base_row['vs']['baseline']['median'] == 1.0 and base_row['vs']['strong']['runs'] != [1.0]

@@ -133,6 +133,9 @@ def test_bench_tiny_random_model_json(tmp_path):
     assert report['rows']['past_block']['new_tokens'] == 64
     assert report['rows']['compute']['kv_cache_positions'] == 20 and report['rows']['compute']['kv_cache_bytes'] > 0
     assert report['rows']['val_loss']['windows'] == 2
+    roof = report['rows']['roofline']  # the share of the GEMV read speed that decode reaches, from the same bytes
+    assert roof['weight_bytes_per_token'] == report['rows']['compute']['weight_bytes_per_token']
+    assert roof['roofline_fraction'] == pytest.approx(roof['decode_tok_s'] / roof['roofline_tok_s'])
     assert report['rows']['memory']['peak_rss_bytes'] > 0
     profile = report['rows']['decode_profile']  # the time inside ops is part of the wall time of the same run
     assert 0 < profile['aten_us_per_token'] < profile['wall_us_per_token'] and profile['aten_ops_per_token'] > 20
