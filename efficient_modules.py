@@ -667,11 +667,24 @@ class RoutingStats:
         self.chosen = self.logits = None
 
 
+def straight_through(logits):
+    """1 in the forward pass, sigmoid's gradient in the backward."""
+    s = torch.sigmoid(logits)
+    return s - s.detach() + 1
+
+
+# mod_router_scale: (update weights of the chosen tokens from their router logits, the same for one logit as a float)
+ROUTER_SCALES = {'sigmoid': (torch.sigmoid, lambda logit: 1 / (1 + math.exp(-logit))),
+                 'straight': (straight_through, lambda logit: 1.0)}
+
+
 class MixtureOfDepths(nn.Module):
     """Mixture-of-Depths (Raposo et al. 2024) around one block: a router (a Linear C -> 1) scores every token and only
     the tokens it picks run the block; the others pass on the residual stream unchanged. A token that runs gets
     x + w·(block(x) - x): its update scaled by its router weight w = sigmoid(logit), through which the router
-    learns from the LM loss.
+    learns from the LM loss. With mod_router_scale='straight' the update runs at full strength (w = 1 in the forward
+    pass) and the router still learns through sigmoid's gradient (a straight-through estimator), so a routed
+    token's block computes what a dense block does.
 
     Training runs the top mod_capacity fraction of each sequence's tokens (fixed shapes: gather, block, scatter;
     attention among them in text order, rotary positions at their own positions). Top-k looks at the whole
@@ -686,6 +699,7 @@ class MixtureOfDepths(nn.Module):
         self.router = nn.Linear(config.n_embd, 1)
         self.capacity = config.mod_capacity
         self.router_loss_weight = config.mod_router_loss_weight
+        self.scale, self.scale_one = ROUTER_SCALES[config.mod_router_scale]
         self.topk_in_eval = False  # outside training, route by top-k as training does (set_mod_routing)
         self.aux = {}
         self.stats = RoutingStats()
@@ -741,12 +755,12 @@ class MixtureOfDepths(nn.Module):
         idx (B, n), where a row with fewer chosen tokens than n pads with unchosen ones. Padding runs and is written
         back unchanged (weight 0). Returns x with the chosen tokens' updates, x + w·(block(x) - x)."""
         if idx is None:
-            xs, w, at = x, torch.sigmoid(logits), None
+            xs, w, at = x, self.scale(logits), None
             if min(counts) < x.size(1):
                 w = w * chosen
         else:
             at = idx[..., None].expand(-1, -1, x.size(2))
-            xs, w = x.gather(1, at), torch.sigmoid(logits.gather(1, idx))  # (B, n, C), (B, n)
+            xs, w = x.gather(1, at), self.scale(logits.gather(1, idx))  # (B, n, C), (B, n)
             if min(counts) < idx.size(1):
                 w = w * (torch.arange(idx.size(1), device=x.device) < torch.tensor(counts, device=x.device)[:, None])
         route = Tokens(0 if idx is None else idx) if cache is None else cache.select(idx)
@@ -762,7 +776,7 @@ class MixtureOfDepths(nn.Module):
         stats.chosen, stats.logits = went, None
         stats.tokens_run += went
         stats.positions_seen += 1
-        y = torch.lerp(x, self.block(x, cache.select(None)), 1 / (1 + math.exp(-logit))) if went else x
+        y = torch.lerp(x, self.block(x, cache.select(None)), self.scale_one(logit)) if went else x
         cache.advance([[went]])
         return y
 

@@ -59,6 +59,7 @@ class EfficientGPTConfig(GPTConfig):
     mod_capacity: float = 0.5  # MoD: fraction of each sequence's tokens a routed layer runs in training (top-k)
     mod_layers: str = 'every:2'  # MoD: the routed layers (a pattern, see expand_layers)
     mod_router_loss_weight: float = 0.1  # MoD: weight of the router's BCE towards top-k membership (the decode predictor)
+    mod_router_scale: str = 'sigmoid'  # MoD: a chosen token's update times sigmoid(logit), or 'straight' (1, sigmoid's gradient)
     # checkpoints written before adaptive_compute carry this flag: True builds ACT
     enable_adaptive_compute: InitVar[bool] = None
 
@@ -147,6 +148,8 @@ class EfficientGPTConfig(GPTConfig):
     def check_mixture_of_depths(self):
         if self.adaptive_compute not in ('none', 'act', 'mod'):
             raise ValueError(f"adaptive_compute must be 'none', 'act' or 'mod', not {self.adaptive_compute!r}")
+        if self.mod_router_scale not in ('sigmoid', 'straight'):
+            raise ValueError(f"mod_router_scale must be 'sigmoid' or 'straight', not {self.mod_router_scale!r}")
         if not 0 < self.mod_capacity <= 1 or self.mod_router_loss_weight < 0:
             raise ValueError(f"mod_capacity must be in (0, 1] and mod_router_loss_weight >= 0, not {self.mod_capacity} "
                              f"and {self.mod_router_loss_weight}")

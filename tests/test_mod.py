@@ -77,6 +77,22 @@ def test_training_runs_only_the_top_k_tokens(tiny_args):
     assert not torch.equal(y[layer.chosen], x[layer.chosen])
 
 
+def test_straight_through_runs_the_chosen_tokens_at_full_strength_and_the_router_still_learns(tiny_args):
+    model = make(tiny_args, mod_router_scale='straight', **MOD).train()
+    layer = model.transformer.h[1]
+    x = torch.randn(2, 16, 32)
+    y = layer(x)
+    chosen = layer.chosen
+    assert not torch.allclose(y[chosen], x[chosen])
+    y.sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+    # the same weights with the sigmoid scale: the chosen tokens' updates are smaller by sigmoid(logit)
+    layer.scale = torch.sigmoid
+    y_sigmoid = layer(x)
+    w = torch.sigmoid(layer.logits)[chosen][:, None]
+    torch.testing.assert_close(y_sigmoid[chosen] - x[chosen], w * (y[chosen] - x[chosen]))
+
+
 def test_router_learns_from_the_lm_loss_and_the_predictor_loss(tiny_args):
     model = make(tiny_args, **MOD).train()
     x = torch.randint(0, 50, (2, 16))
@@ -117,12 +133,12 @@ def test_decode_path_is_causal_by_perturbation(tiny_args, pos_emb):
         assert not torch.allclose(logits2[:, j], logits[:, j])
 
 
-@pytest.mark.parametrize('pos_emb', ['learned', 'rope'])
+@pytest.mark.parametrize('pos_emb,scale', [('learned', 'sigmoid'), ('rope', 'sigmoid'), ('rope', 'straight')])
 @pytest.mark.parametrize('prompt_len', [1, 6])
-def test_cached_decode_equals_the_uncached_reference(tiny_args, pos_emb, prompt_len):
+def test_cached_decode_equals_the_uncached_reference(tiny_args, pos_emb, scale, prompt_len):
     """A prompt prefill, then one token at a time, through the RoutedKVCache (rows holding different counts) gives
     at every position the logits of the uncached forward, which routes with the same causal decisions."""
-    model = balanced(make(tiny_args, pos_emb=pos_emb, **MOD))
+    model = balanced(make(tiny_args, pos_emb=pos_emb, mod_router_scale=scale, **MOD))
     x = torch.randint(0, 50, (3, 31))
     full, _ = model(x, x)
     reference = [layer.chosen for layer in routed(model)]
