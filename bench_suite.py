@@ -9,6 +9,7 @@ $ python bench_suite.py --models=strong,efficient_gpt --runs=3 --plot=results
 Prints Markdown tables, writes every figure to --json and, with --plot=DIR, the frontier plot (needs matplotlib).
 """
 
+import copy
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench_rows.protocol import greedy, stats, time_pair, time_rounds
+from bench_rows.protocol import greedy, stats, time_pair, time_rounds, train_step
 from bench_rows.roofline import gemv_sweeps, weight_matrices
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_dtype, synchronizer
@@ -51,6 +52,7 @@ BASELINES = list(MODELS)[:2]
 DEFAULTS = dict(
     size=128,  # n_embd of the benchmark: 128 (per-op overhead bound at batch 1) or 384 (weight reads bound)
     models=','.join(MODELS),  # comma list of MODELS; both baselines are always measured
+    measure=True,  # False: only train what is missing (then measure later, on a quiet machine)
     jobs=os.cpu_count() or 1,  # trainings at once, each with cpu_count // jobs threads
     device='cpu',  # 'cuda' trains and measures on the GPU
     dtype='auto',  # auto: bfloat16 autocast on a GPU that supports it, float32 elsewhere
@@ -121,6 +123,20 @@ def training_figures(ckpt, target):
                 loss_curve=[(h['train_seconds'], h['val_loss']) for h in history])
 
 
+def training_step(model, ckpt, x):
+    """One step as train_efficient.py takes it over x (B, T): forward, backward with the aux losses, and the step
+    of the optimizer the checkpoint trained with, on a copy (the measured model keeps its weights)."""
+    model, c = copy.deepcopy(model).train(), ckpt['config']
+    optimizer = model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
+                                           x.device.type, c.get('optimizer', 'adamw'), c.get('muon_lr_scale', 1.0))
+    forward_backward = train_step(model, x)
+
+    def step():
+        forward_backward()
+        optimizer.step()
+    return step
+
+
 def against(name, fn, baseline_fns, runs, work, sync):
     """Model name's call fn timed in turn with each baseline's call (but its own): its stats, and the stats of
     its per-round speed ratio against each baseline by name (exactly 1 against itself)."""
@@ -131,10 +147,11 @@ def against(name, fn, baseline_fns, runs, work, sync):
     return rates[0], vs
 
 
-def measure(name, m, baselines, data, cfg, prompts, sync, decode):
+def measure(name, m, baselines, data, cfg, prompts, sync, decode, steps=None):
     """One model's row: speed against both cached baselines at batch 1 and batched, quality as it decodes, work
     and weight bytes per token, KV-cache bytes, and for a streaming model its decode past block_size against the
-    nanoGPT baseline's uncached reference path and its loss there. decode: generate()'s engine and policy."""
+    nanoGPT baseline's uncached reference path and its loss there. decode: generate()'s engine and policy.
+    steps: training steps (training_step) by model name, this one's and each baseline's, timed in turn."""
     n, runs = cfg['new_tokens'], cfg['runs']
 
     def gen(model, prompt, tokens, **policy):
@@ -162,6 +179,9 @@ def measure(name, m, baselines, data, cfg, prompts, sync, decode):
                                gen(base, prompts[:1], cfg['past_tokens'], use_cache=False),
                                cfg['reference_runs'], cfg['past_tokens'], sync)
         row.update(past_tok_s=past['a']['median'], past_vs_reference=past['ratio'], **stream_quality(m, data, cfg))
+    if steps:
+        train, row['train_step_vs'] = against(name, steps[name], {b: steps[b] for b in baselines}, runs, 1, sync)
+        row['train_steps_s'] = train['median']
     return row
 
 
@@ -222,7 +242,8 @@ def fmt_row(name, r, rows, read_bytes_s):
              f"{r['batch_tok_s']:,.0f}", *(fmt_ratio(r['batch_vs'][b]) for b in BASELINES), f"{r['val_loss']:.4f}",
              *(delta(r['val_loss'], rows[b]['val_loss']) for b in BASELINES), whole,
              f"{r['flops_per_token'] / 1e6:.2f}", f"{r['weight_bytes_per_token'] / 2**20:.2f}",
-             f"{r['kv_cache_bytes'] / 1024:.0f}", train, to_target]
+             f"{r['kv_cache_bytes'] / 1024:.0f}", train, to_target,
+             *((fmt_ratio(r['train_step_vs'][b]) for b in BASELINES) if 'train_step_vs' in r else ('—', '—'))]
     return '| ' + ' | '.join(cells) + ' |'
 
 
@@ -235,13 +256,15 @@ def report(results, cfg, header):
           f"read per second over the {ref['read_bytes_s'] / 1e9:.2f} GB/s that GEMVs over the baseline's matrices "
           f"read here. Val loss: as each model decodes, over the first {cfg['val_windows']} fixed windows of "
           f"val.bin; the whole-split loss is the training run's final evaluation. Training time to "
-          f"{results['target_loss']:.4f}: evaluations excluded")
+          f"{results['target_loss']:.4f} (the strong baseline's final estimate): from the run's log, evaluations "
+          f"excluded; train step speed: one step of each model's own optimizer, timed in turn with the baselines'")
     print(f"\n| model | tok/s b=1 | vs baseline | vs strong | % roofline | tok/s b={cfg['batch']} | vs baseline | "
           f"vs strong | val loss | Δ vs baseline | Δ vs strong | whole-split loss | MFLOPs/token | weight MiB/token | "
-          f"KV KiB | train tok/s | train time to {results['target_loss']:.4f} |")
-    print('|---' * 17 + '|')
+          f"KV KiB | train tok/s | train time to {results['target_loss']:.4f} | train step speed vs baseline | "
+          f"vs strong |")
+    print('|---' * 19 + '|')
     print(f"| uncached reference (nanoGPT's generate) | {ref['b1_tok_s']:,.0f} | {fmt_ratio(ref['b1_vs_cached'])} | | | "
-          f"{ref['batch_tok_s']:,.0f} | {fmt_ratio(ref['batch_vs_cached'])} |" + ' |' * 11)
+          f"{ref['batch_tok_s']:,.0f} | {fmt_ratio(ref['batch_vs_cached'])} |" + ' |' * 13)
     for name, r in rows.items():
         print(fmt_row(name, r, rows, ref['read_bytes_s']))
     print(f"\n{cfg['past_tokens']} new tokens, past block_size, batch 1, against the nanoGPT baseline's uncached "
@@ -320,6 +343,8 @@ def main():
         fail(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
     start = time.time()
     train_missing(names, cfg)
+    if not cfg['measure']:
+        return
     torch.set_num_threads(cfg['threads'])
     torch.manual_seed(1337)
     device = cfg['device']
@@ -331,6 +356,10 @@ def main():
     strong_history = loaded[BASELINES[1]][1].get('eval_history') or [dict(val_loss=0.0)]
     data = np.memmap(os.path.join(REPO, 'data', 'shakespeare_char', 'val.bin'), dtype=np.uint16, mode='r')
     prompts = torch.randint(base.config.vocab_size, (cfg['batch'], 1), device=device)
+    size = load_config_file(os.path.join(REPO, SIZES[cfg['size']][0]))
+    x = torch.randint(base.config.vocab_size, (size['batch_size'], size['block_size']), device=device)  # (B, T)
+    # training steps on copies of the models (a compiled model is not copied: no step timing then)
+    steps = {} if cfg['compile'] else {b: training_step(m, ckpt, x) for b, (m, ckpt) in loaded.items()}
     results = dict(config=cfg, rows={}, torch=torch.__version__, threads=torch.get_num_threads(), device=device, dtype=dtype,
                    date=date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                    load_average=os.getloadavg(), target_loss=cfg['target_loss'] or strong_history[-1]['val_loss'])
@@ -339,7 +368,11 @@ def main():
         for name in tqdm(names, unit='model', desc='measuring'):
             m, ckpt = loaded.get(name) or load(name, cfg)
             decode = MODELS[name][1]
-            row = measure(name, m, baselines, data, cfg, prompts, sync, decode)
+            if steps and name not in steps:
+                steps[name] = training_step(m, ckpt, x)
+            row = measure(name, m, baselines, data, cfg, prompts, sync, decode, steps)
+            if name not in BASELINES:
+                steps.pop(name, None)
             results['rows'][name] = {**row, **training_figures(ckpt, results['target_loss'])}
             if decode.get('decode') == 'early_exit':
                 results['exit_sweep'] = exit_sweep(m, base, data, cfg, prompts, sync, decode)

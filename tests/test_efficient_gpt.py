@@ -17,6 +17,7 @@ from model_efficient import EfficientGPT, EfficientGPTConfig
 
 CONFIG = load_config_file(os.path.join(bench_suite.REPO, 'config', 'train_efficient_gpt.py'))
 BASE = load_config_file(os.path.join(bench_suite.REPO, bench_suite.SIZES[128][0]))
+TRAIN = dict(weight_decay=0.1, learning_rate=1e-3, beta1=0.9, beta2=0.99)  # a checkpoint's optimizer settings
 MECHANISM_KEYS = {f.name for f in fields(EfficientGPTConfig)} - {f.name for f in fields(GPTConfig)}
 
 
@@ -141,8 +142,11 @@ def test_suite_row_of_a_streaming_model_against_the_baseline():
                stream_eval_tokens=64, device='cpu')
     prompts = torch.randint(50, (2, 1))
     with torch.no_grad():
+        x, before = torch.randint(50, (2, 32)), [p.clone() for p in model.parameters()]
+        steps = {name: bench_suite.training_step(m, dict(config=TRAIN), x)
+                 for name, m in (('efficient_gpt', model), ('baseline', base), ('strong', strong))}
         row = bench_suite.measure('efficient_gpt', model, dict(baseline=base, strong=strong), data, cfg, prompts,
-                                  lambda: None, {})
+                                  lambda: None, {}, steps)
         base_row = bench_suite.measure('baseline', base, dict(baseline=base, strong=strong), data, cfg, prompts,
                                        lambda: None, {})
         ref = bench_suite.reference(base, cfg, prompts, lambda: None)
@@ -154,3 +158,5 @@ def test_suite_row_of_a_streaming_model_against_the_baseline():
     assert {'b1_vs_cached', 'batch_vs_cached', 'past_vs_cached'} <= ref.keys() and ref['read_bytes_s'] > 0
     assert row['vs'].keys() == row['batch_vs'].keys() == {'baseline', 'strong'}
     assert base_row['vs']['baseline']['median'] == 1.0 and base_row['vs']['strong']['runs'] != [1.0]
+    assert row['train_step_vs'].keys() == {'baseline', 'strong'} and row['train_steps_s'] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the steps trained copies
