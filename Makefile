@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV = .venv
 PY = $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench384 ladder clean
 
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: $(VENV)/installed
 bench: $(VENV)/installed
 	$(PY) -m pip install --quiet -e ".[plot]"
 	$(PY) bench_suite.py --plot=results --json=results/bench_suite.json
+
+# The same at 384 dims, where batch-1 decode reads the weights from memory (each training up to 25 minutes).
+bench384: $(VENV)/installed
+	$(PY) -m pip install --quiet -e ".[plot]"
+	$(PY) bench_suite.py --size=384 --plot=results --json=results/bench_suite384.json
+
+# Decode speed-ups from n_embd 128 to 1024 on random weights (no training; about 10 minutes).
+ladder: $(VENV)/installed
+	$(PY) -m pip install --quiet -e ".[plot]"
+	$(PY) bench_ladder.py --plot=results --json=results/scaling_ladder.json
 
 clean:
 	rm -rf $(VENV) out-* __pycache__ .pytest_cache
