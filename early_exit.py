@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from local_attention import LocalSelfAttention, RotarySelfAttention
 from model import MLP, CausalSelfAttention, LayerNorm, attend, decode_tokens, sample_next, token_probs, weights_cost
 
 
@@ -283,9 +284,10 @@ class DecodeSteps:
     """A model's embedding, layers and head as decode steps with few ops and no module calls where it can: at
     batch-1 decode of a small model the overhead of each op and each nn.Module call, not the arithmetic, is
     most of a step (128 dims, one thread: a layer over one token 150 us through its modules, 110 here). A
-    pre-norm layer runs its norms, projections and MLP as functional ops on its own weights, and nanoGPT's
-    attention inline, so its output equals its forward's bit for bit; any other attention, MLP or layer
-    (top-k, MoE, MoD, pondering) runs its own module. In training mode (dropout) every step is the module's."""
+    pre-norm layer runs its norms, projections, attention (full, rotary, local) and MLP as functional ops on
+    its own weights, the same ops as its forward, so its output equals the forward's bit for bit; any other
+    attention, MLP or layer (value embeddings, top-k, MoE, MoD, pondering) runs its own module. In training
+    mode (dropout) every step is the module's."""
 
     def __init__(self, model):
         t = model.transformer
@@ -315,8 +317,10 @@ class DecodeSteps:
         C, attn, mlp = self.C, block.attn, block.mlp
         ln_1, ln_2 = (block.ln_1.weight, block.ln_1.bias), (block.ln_2.weight, block.ln_2.bias)
         nh, qkv, proj = attn.n_head, (attn.c_attn.weight, attn.c_attn.bias), (attn.c_proj.weight, attn.c_proj.bias)
-        if not (type(attn) is CausalSelfAttention and type(attn.c_attn) is nn.Linear):
-            qkv = None  # rotary or local attention, value embeddings: the module's own forward
+        rotate = getattr(attn, 'rotate', None)  # rotary positions, the per-head qk norm, or nothing
+        if not (type(attn) in (CausalSelfAttention, RotarySelfAttention, LocalSelfAttention)
+                and type(attn.c_attn) is nn.Linear):
+            qkv = None  # value embeddings' c_attn or another attention: the module's own forward
         if type(mlp) is MLP and isinstance(mlp.gelu, nn.GELU):
             fc, out = (mlp.c_fc.weight, mlp.c_fc.bias), (mlp.c_proj.weight, mlp.c_proj.bias)
             approximate = mlp.gelu.approximate
@@ -328,10 +332,13 @@ class DecodeSteps:
             h = F.layer_norm(x, (C,), *ln_1, 1e-5)
             if qkv is None:
                 x = x + attn(h, cache)
-            else:  # q, k, v as views of one c_attn output (B, nh, T, hs)
-                q, k, v = F.linear(h, *qkv).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)
-                k, v = cache.update(k, v)  # (B, nh, S, hs)
-                x = x + F.linear(attend(q, k, v).transpose(1, 2).reshape(B, T, C), *proj)
+            else:  # q, k, v as views of one c_attn output (B, nh, T, hs), q and k positioned together
+                q, k, v = qkv_heads = F.linear(h, *qkv).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
+                if rotate is not None:
+                    q, k = rotate.position(qkv_heads[:2], cache.len).unbind(0)
+                kv = cache.update(k, v)  # (B, nh, S, hs) keys and values, and a rolling cache's (T, S) mask
+                y = attend(q, *kv) if len(kv) == 2 else F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=kv[2])
+                x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), *proj)
             h = F.layer_norm(x, (C,), *ln_2, 1e-5)
             if fc is None:
                 return x + mlp(h)

@@ -132,6 +132,8 @@ def test_speculative_greedy_equals_full_greedy(tiny_args, trained):
 
 @pytest.mark.parametrize('kw', [{}, dict(bias=False, mlp_act='gelu_tanh'), dict(mlp_act='relu2', logit_softcap=15.0),
                                 dict(pos_emb='rope', enable_local_attention=True, local_attention_window=6),
+                                dict(enable_local_attention=True, local_attention_window=4, attention_sinks=1),
+                                dict(pos_emb='rope', qk_norm=True), dict(qk_norm=True),
                                 dict(enable_sparse_activation=True, sparsity_ratio=0.25, sparse_layers='1'),
                                 dict(enable_dynamic_routing=True, num_experts=3, experts_top_k=2, moe_layers='1'),
                                 dict(enable_early_exit=False, adaptive_compute='mod', mod_layers='2', mod_capacity=0.5)])
@@ -296,7 +298,8 @@ def test_sample_show_compute_marks_each_character_with_its_exit_layer(tmp_path, 
 def test_bench_early_exit_rows(tmp_path, checkpoints):
     r = run('bench.py', '--ckpt=ee/ckpt.pt', '--baseline=base/ckpt.pt', f'--val_data={tmp_path}', '--exit_windows=1',
             '--rows=exit_full,early_exit,speculative,speculative_batch,exit_costs', '--new_tokens=20', '--runs=1',
-            '--batch=3', '--device=cpu', '--exit_sweep=max_prob:2,0.1;margin:0.05', '--spec_sweep=1:2,2:3', '--json=b.json', cwd=tmp_path)
+            '--batch=3', '--device=cpu', '--exit_sweep=max_prob:2,0.1;margin:0.05', '--spec_sweep=1:2,2:3', '--json=b.json',
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / 'b.json').read_text())['rows']
     sweep = rows['early_exit']
