@@ -264,10 +264,11 @@ def main():
     t0 = time.time()
     with ThreadPoolExecutor(cfg['jobs']) as pool:
         out = {label: os.path.join(cfg['out_dir'], f"{cfg['tasks'].replace(',', '')}-{label.replace(' ', '-')}") for label in runs}
-        jobs = {label: pool.submit(run, label, command(keys, extra, out[label]), out[label],
-                                   1 if m == 'joint' else len(stages), cfg['rerun'])
-                for label, (m, keys) in runs.items()}
-    results = {label: job.result() for label, job in jobs.items()}
+        longest_first = sorted(runs, key=lambda label: -runs[label][1].get('stages', len(stages)))  # shorter wall time
+        jobs = {label: pool.submit(run, label, command(runs[label][1], extra, out[label]), out[label],
+                                   1 if runs[label][0] == 'joint' else len(stages), cfg['rerun'])
+                for label in longest_first}
+    results = {label: jobs[label].result() for label in runs}
     wall = time.time() - t0
     headline, details = summarize(results, runs, stages)
     print_tables(results, runs, stages, headline, details)
