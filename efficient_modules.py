@@ -129,12 +129,11 @@ class TEALMLP(MLP):
     def down_gathered(self, h, keep):
         # y[n] = sum over kept j of h[n, j] * W.T[j]: token n's bag is its kept units, in token order
         B, T, H = h.shape
-        keep = keep.view(B * T, H)
-        units = keep.nonzero()[:, 1]  # (M,) kept units, token after token
-        counts = keep.sum(1)  # (B*T,)
+        flat = keep.view(-1).nonzero().view(-1)  # (M,) kept positions of the (B*T*4C) activations, ascending
         rows = self.down_rows()  # (4C, C)
-        weights = h.view(B * T, H)[keep].to(rows.dtype)  # (M,) their activations, in the same order
-        y = F.embedding_bag(units, rows, counts.cumsum(0) - counts, mode='sum', per_sample_weights=weights)
+        weights = h.reshape(-1).index_select(0, flat).to(rows.dtype)  # (M,) their activations
+        starts = torch.searchsorted(flat, torch.arange(0, B * T * H, H, device=h.device))  # (B*T,) each token's first
+        y = F.embedding_bag(flat.remainder(H), rows, starts, mode='sum', per_sample_weights=weights)
         if self.c_proj.bias is not None:
             y = y + self.c_proj.bias
         return y.view(B, T, -1)  # (B, T, C)

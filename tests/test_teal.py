@@ -28,8 +28,11 @@ def test_gathered_path_equals_masked_path(bias):
     m = TEALMLP(GPTConfig(**TINY, bias=bias), threshold=0.1, sparsity=0.5).eval()
     m.c_fc.weight.data.normal_(std=0.3)  # a spread of activations: each token keeps its own number of units
     x = torch.randn(3, 9, 32)
+    if bias:
+        m.c_fc.bias.data.zero_()
+    x[1, 3] = 0  # a token that keeps no unit: an empty bag
     keep = m.gelu(m.c_fc(x)).abs() > m.threshold
-    assert len(set(keep.sum(-1).flatten().tolist())) > 1
+    assert len(set(keep.sum(-1).flatten().tolist())) > 1 and keep[1, 3].sum() == 0
     gathered = m(x)
     m.use_gathered(False)
     torch.testing.assert_close(gathered, m(x))
