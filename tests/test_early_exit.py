@@ -155,6 +155,7 @@ def test_decode_steps_equal_the_modules_bit_for_bit(tiny_args, kw):
         for r, f in zip(ref, fast):
             assert r.len == f.len and torch.equal(r.k, f.k) and torch.equal(r.v, f.v)
     assert sum(layer is not block for layer, block in zip(steps.layers, model.transformer.h)) >= (3 if not kw else 1)
+    assert list(DecodeSteps(model.train()).layers) == list(model.transformer.h)  # training: dropout, the modules'
 
 
 def test_speculative_past_block_size_falls_back_to_the_cropped_full_path(tiny_args):
