@@ -159,10 +159,17 @@ def teal_sparsify(model, sparsity, tokens, gather=True):
     if not holders:
         raise ValueError("TEAL needs dense MLPs, and this model has none (its MLPs are top-k or mixtures of experts)")
     seen = [[] for _ in holders]  # per layer: |h| of the calibration tokens (a pondering layer's every step)
-    hooks = [h.mlp.c_proj.register_forward_pre_hook(lambda m, args, i=i: seen[i].append(args[0].abs().flatten().float()))
+    g = torch.Generator(tokens.device).manual_seed(0)
+
+    def record(i, h):  # h (B, T, 4C); a large model's values are sampled, at most CALIBRATION_SAMPLE per call
+        v = h.abs().flatten().float()
+        seen[i].append(v if v.numel() <= CALIBRATION_SAMPLE else
+                       v[torch.randint(v.numel(), (CALIBRATION_SAMPLE,), generator=g, device=v.device)])
+    hooks = [h.mlp.c_proj.register_forward_pre_hook(lambda m, args, i=i: record(i, args[0]))
              for i, h in enumerate(holders)]
     was_training = model.training
-    model.eval()(tokens)
+    for chunk in tokens.split(4):  # a few windows at a time: GPT-2's activations over 16 windows are large
+        model.eval()(chunk)
     model.train(was_training)
     for hook in hooks:
         hook.remove()
@@ -200,6 +207,7 @@ def teal_measured_sparsity(model, tokens):
 
 
 CALIBRATION_WINDOWS = 16  # TEAL: block_size windows of the training split that its thresholds are set on
+CALIBRATION_SAMPLE = 2 ** 21  # TEAL: activations kept per layer and forward of 4 windows (all of them up to 512 dims)
 
 
 def calibration_windows(data, block_size, n=CALIBRATION_WINDOWS):

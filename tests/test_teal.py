@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import efficient_modules
 from checkpoint import model_checkpoint, save_checkpoint
 from conftest import ROOT
 from efficient_modules import (TEALMLP, TopKMLP, calibration_windows, set_teal_gather, teal_measured_sparsity,
@@ -42,7 +43,10 @@ def test_gathered_path_equals_masked_path(bias):
     torch.testing.assert_close(m(x), dense(x))
 
 
-def test_calibration_hits_the_target_on_held_out_tokens():
+@pytest.mark.parametrize('sample', [None, 1000])
+def test_calibration_hits_the_target_on_held_out_tokens(sample, monkeypatch):
+    if sample:  # a large model's activations are sampled
+        monkeypatch.setattr(efficient_modules, 'CALIBRATION_SAMPLE', sample)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY)).eval()
     data = torch.randint(0, 50, (4000,)).numpy()
