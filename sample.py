@@ -184,7 +184,9 @@ def continue_text(model, tok, start, cfg, colour):
 
 def teal_calibrate(model, cfg, dataset, device):
     """--teal_sparsity: the model's dense MLPs become TEAL MLPs, thresholds set on windows of a training split."""
-    folder = cfg['teal_data'] or (dataset and (dataset if os.path.isdir(dataset) else os.path.join(cfg['data_root'], dataset)))
+    folder = cfg['teal_data'] or dataset
+    if folder and not os.path.isdir(folder):  # a dataset named as training names it: a folder under data_root
+        folder = os.path.join(cfg['data_root'], folder)
     if not folder:
         fail("--teal_sparsity sets its thresholds on training text: name a dataset folder with --teal_data")
     try:
