@@ -60,7 +60,7 @@ DEFAULTS = dict(
     out_dir='out-incremental',  # runs go to out_dir/<tasks>-<run>
     json='',  # write every figure and the commands to this file
     plot='',  # write a PNG of each task's loss over the stages, a line per run (needs matplotlib)
-    jobs=os.cpu_count() or 1,  # runs at a time, each with one thread
+    jobs=os.cpu_count() or 1,  # runs at a time, each with one thread (default: the number of cores)
     rerun=False,  # train again even if a finished run is there
     train_args='',  # more train_efficient.py arguments for every run, e.g. '--iters_per_task=300 --seed=2'
     **SETTINGS,
@@ -101,12 +101,15 @@ def plan(methods, stages, settings, sweep):
 
 
 def command(keys, extra, out_dir):
-    keys = dict(keys)
+    keys, last = dict(keys), []
     if 'stages' in keys:  # joint over k stages: the same total steps and one schedule over them
-        k = keys.pop('stages')
-        keys.update(iters_per_task=k * setting('iters_per_task', extra), lr_decay_iters=k * setting('lr_decay_iters', extra))
+        k, n = keys.pop('stages'), setting('iters_per_task', extra)
+        total = (setting('first_stage_iters', extra) or n) + (k - 1) * n
+        keys.update(iters_per_task=total, lr_decay_iters=total * setting('lr_decay_iters', extra) // n)
+        if any(a.startswith('--first_stage_iters=') for a in extra):
+            last = ['--first_stage_iters=0']  # its one stage has the sequence's total already
     return [sys.executable, os.path.join(REPO, 'train_efficient.py'), CONFIG, *[f'--{k}={v}' for k, v in keys.items()],
-            *extra, f'--out_dir={out_dir}', '--progress=False']
+            *extra, *last, f'--out_dir={out_dir}', '--progress=False']
 
 
 def run(label, cmd, out_dir, n_stages, rerun):
@@ -260,7 +263,10 @@ def main():
         fail(f"--sweep={cfg['sweep']!r}: give key=v1,v2,..., e.g. replay_ratio=0.05,0.25")
     if cfg['jobs'] < 1:
         fail(f"--jobs must be at least 1, not {cfg['jobs']}")
-    runs = plan(methods, stages, {k: cfg[k] for k in SETTINGS}, cfg['sweep'])
+    try:
+        runs = plan(methods, stages, {k: cfg[k] for k in SETTINGS}, cfg['sweep'])
+    except ValueError as e:  # a sweep value that is not a number
+        fail(f"--sweep={cfg['sweep']!r}: {e}")
     t0 = time.time()
     with ThreadPoolExecutor(cfg['jobs']) as pool:
         out = {label: os.path.join(cfg['out_dir'], f"{cfg['tasks'].replace(',', '')}-{label.replace(' ', '-')}") for label in runs}

@@ -18,10 +18,13 @@ Three mechanisms against catastrophic forgetting, each off at its neutral settin
 
 Tasks are data_dir/{task}_train.bin and {task}_val.bin over one vocabulary (data/continual_char). A stage is
 one task ('A,B,C': three stages) or several mixed in equal shares ('A+B': joint training, the upper bound).
-Each stage runs iters_per_task iterations with its own warm-up and cosine decay (re-warming, Ibrahim 2024),
+Each stage runs iters_per_task iterations (the first may run first_stage_iters, to converge) with its own
+warm-up and cosine decay, stretched to its length (re-warming, Ibrahim 2024),
 its peak lowered by stage_lr_peak after the first stage, or none: stage_lr_schedule='constant' keeps min_lr.
 """
 
+import bisect
+import itertools
 import os
 from contextlib import contextmanager
 
@@ -196,6 +199,7 @@ class IncrementalLearner:
             raise ValueError(f"incremental_tasks names {', '.join(unknown)}, but {data_dir} has tasks: {have}")
         uses_importance = c['ewc_lambda'] > 0 or c['adaptive_lr_strength'] > 0 or c['protect_fraction'] > 0
         checks = [(c['iters_per_task'] > 0, "iters_per_task must be > 0"),
+                  (c['first_stage_iters'] >= 0, "first_stage_iters must be >= 0 (0: iters_per_task)"),
                   (c['ewc_lambda'] >= 0, "ewc_lambda must be >= 0"),
                   (0 <= c['ewc_gamma'] <= 1, "ewc_gamma must be in [0, 1]"),
                   (c['ewc_mode'] in ('online', 'per_task'), f"ewc_mode must be 'online' or 'per_task', not {c['ewc_mode']!r}"),
@@ -217,7 +221,10 @@ class IncrementalLearner:
             if not ok:
                 raise ValueError(message)
         self.data_dir, self.device, self.config = data_dir, device, c
-        self.iters_per_task, self.max_iters = c['iters_per_task'], c['iters_per_task'] * len(self.stages)
+        self.iters_per_task = c['iters_per_task']
+        self.stage_iters = [c['first_stage_iters'] or self.iters_per_task] + [self.iters_per_task] * (len(self.stages) - 1)
+        self.ends = list(itertools.accumulate(self.stage_iters))  # the iteration at which each stage ends
+        self.max_iters = self.ends[-1]
         self.block_size, self.batch_size = c['block_size'], c['batch_size']
         self.ewc_lambda, self.ewc_gamma, self.fisher_batches = c['ewc_lambda'], c['ewc_gamma'], c['fisher_batches']
         self.adaptive_lr_strength = c['adaptive_lr_strength']
@@ -244,10 +251,12 @@ class IncrementalLearner:
         return np.memmap(os.path.join(self.data_dir, f'{task}_{split}.bin'), dtype=np.uint16, mode='r')
 
     def lr(self, iter_num, schedule):
-        """The learning rate at iter_num: schedule(it) (warm-up and decay over one stage) restarted every stage.
-        After the first stage, 'rewarm' lowers its peak to stage_lr_peak·learning_rate (min_lr stays),
-        'constant' stays at min_lr: no re-warming (Ibrahim 2024's baseline)."""
-        stage, it = divmod(iter_num, self.iters_per_task)
+        """The learning rate at iter_num: schedule(it) (warm-up and decay over iters_per_task) restarted every
+        stage, stretched to a longer first stage. After the first stage, 'rewarm' lowers its peak to
+        stage_lr_peak·learning_rate (min_lr stays), 'constant' stays at min_lr: no re-warming (Ibrahim 2024's
+        baseline)."""
+        stage = min(bisect.bisect_right(self.ends, iter_num), len(self.stages) - 1)
+        it = (iter_num - ([0] + self.ends)[stage]) * self.iters_per_task / self.stage_iters[stage]
         if stage == 0:
             return schedule(it)
         min_lr = self.config['min_lr']
@@ -319,7 +328,7 @@ class IncrementalLearner:
     def after_step(self, model, iter_num, ctx=None):
         """At the end of a stage: the R row, then (unless it was the last) the importance, anchor and the
         next stage. Returns the R row as text, or None mid-stage."""
-        if iter_num % self.iters_per_task:
+        if iter_num not in self.ends:
             return None
         row = f"after stage {'+'.join(self.stages[self.stage])}"
         if self.eval_windows != 0:
@@ -341,8 +350,7 @@ class IncrementalLearner:
         """Why protection does or does not protect: the share held by the top `top` fraction of elements (by
         accumulated importance F) of F itself, of the movement Σ(θ − θ*)² since the latest anchor, and of the
         quadratic estimate of the earlier tasks' loss increase Σ F·(θ − θ*)²."""
-        params = dict(model.named_parameters())
-        anchor = self.terms[-1][0] if self.terms else None
+        params, anchor = dict(model.named_parameters()), self.terms[-1][0]
         f = torch.cat([v.flatten() for v in self.importance.values()])
         d = torch.cat([(params[n].detach() - anchor[n]).pow(2).flatten() for n in self.importance])
         mask = torch.zeros_like(f, dtype=torch.bool)
@@ -405,6 +413,7 @@ class IncrementalLearner:
     def state_dict(self):
         """Plain tensors, dicts, lists and numbers: loads with torch.load(weights_only=True)."""
         return dict(incremental_tasks=self.config['incremental_tasks'], iters_per_task=self.iters_per_task,
+                    first_stage_iters=self.config['first_stage_iters'],
                     stage=self.stage, R=self.R, diagnostics=self.diagnostics, importance=self.importance,
                     terms=[list(t) for t in self.terms], si_omega=self.si_omega, si_start=self.si_start,
                     buffer=self.buffer.state_dict() if self.buffer else None)
@@ -412,7 +421,7 @@ class IncrementalLearner:
     def load_state_dict(self, state):
         if state is None:
             raise ValueError("the checkpoint has no incremental-learning state: it was not trained with incremental_tasks")
-        for key in ('incremental_tasks', 'iters_per_task'):
+        for key in ('incremental_tasks', 'iters_per_task', 'first_stage_iters'):
             if state[key] != self.config[key]:
                 raise ValueError(f"the checkpoint was trained with {key}={state[key]!r}, not {self.config[key]!r}: "
                                  "a resumed sequence must keep its tasks and steps")

@@ -63,6 +63,7 @@ batch_size = 12  # sequences per micro-batch (>= 1)
 # incremental learning (incremental_learning.py): tasks data_dir/{task}_train.bin, _val.bin over one vocabulary
 incremental_tasks = ''  # '' trains on train.bin; 'A,B,C': A, then B, then C; 'A+B': one stage of A and B mixed (joint)
 iters_per_task = 1000  # iterations per stage (max_iters becomes their total); the lr schedule restarts every stage
+first_stage_iters = 0  # iterations of the first stage (e.g. to converge), its lr schedule stretched; 0: iters_per_task
 ewc_lambda = 0.0  # EWC: adds ewc_lambda * sum F * (theta - theta*)^2 after the first stage
 ewc_gamma = 1.0  # online EWC: F <- ewc_gamma * F + F_new after each stage (1: every task counts fully)
 ewc_mode = 'online'  # 'online': one summed F at the latest theta*; 'per_task': a penalty per earlier task (Kirkpatrick)
@@ -267,8 +268,9 @@ if model_type == 'gpt':
     stray = [k for k, v in model_defaults.items() if k not in gpt_keys and config[k] != v]
     if stray:
         fail(f"{', '.join(stray)} only appl{'ies' if len(stray) == 1 else 'y'} to model_type='efficient'")
-incremental_keys = ('iters_per_task', 'ewc_lambda', 'ewc_gamma', 'ewc_mode', 'importance', 'fisher_batches', 'replay_buffer_size',
-                    'replay_ratio', 'adaptive_lr_strength', 'protect_fraction', 'protect_scale', 'stage_lr_schedule', 'stage_lr_peak')
+incremental_keys = ('iters_per_task', 'first_stage_iters', 'ewc_lambda', 'ewc_gamma', 'ewc_mode', 'importance', 'fisher_batches',
+                    'replay_buffer_size', 'replay_ratio', 'adaptive_lr_strength', 'protect_fraction', 'protect_scale',
+                    'stage_lr_schedule', 'stage_lr_peak')
 if not incremental_tasks and any(config[k] != script_defaults[k] for k in incremental_keys):
     fail(f"{', '.join(k for k in incremental_keys if config[k] != script_defaults[k])}: these keys need incremental_tasks (e.g. incremental_tasks='A,B')")
 check_model(model_type, model_args)
@@ -301,7 +303,7 @@ if incremental_tasks:
         fail(e)
     max_iters = learner.max_iters
     if master_process:
-        print(f"incremental learning: stages {incremental_tasks}, {iters_per_task} iterations each, max_iters={max_iters}")
+        print(f"incremental learning: stages {incremental_tasks} of {', '.join(map(str, learner.stage_iters))} iterations, max_iters={max_iters}")
 else:
     for split in ('train', 'val'):
         tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2

@@ -13,6 +13,7 @@ final_eval_windows = 400  # each R entry: the first 400 validation windows of 64
 dataset = 'continual_char'
 incremental_tasks = 'A,B'
 iters_per_task = 300
+first_stage_iters = 0  # 0: 300 like the others; e.g. 1200 for a converged first task (its schedule stretched)
 
 # the methods' keys, all off here (naive fine-tuning); incremental_experiment.py sets them per method and --sweep
 # varies one, e.g. --sweep=replay_ratio=0.01,0.05,0.125,0.25,0.5 or --sweep=ewc_lambda=0.1,1,10,100,1000

@@ -41,7 +41,7 @@ def tasks_dir(tmp_path):
 
 
 def settings(**kw):
-    c = dict(incremental_tasks='A,B', iters_per_task=5, block_size=16, batch_size=12, seed=0, final_eval_windows=4,
+    c = dict(incremental_tasks='A,B', iters_per_task=5, first_stage_iters=0, block_size=16, batch_size=12, seed=0, final_eval_windows=4,
              ewc_lambda=0.0, ewc_gamma=1.0, ewc_mode='online', importance='fisher', fisher_batches=0,
              replay_buffer_size=0, replay_ratio=0.0, adaptive_lr_strength=0.0, protect_fraction=0.0, protect_scale=0.0,
              stage_lr_schedule='rewarm', stage_lr_peak=1.0, min_lr=1e-4)
@@ -209,6 +209,25 @@ def test_later_stages_learning_rate(tasks_dir):
     for it in range(5, 10):  # stage B: half the distance above min_lr, or min_lr
         assert rewarm.lr(it, schedule) == pytest.approx(1e-4 + 0.5 * (schedule(it - 5) - 1e-4))
         assert constant.lr(it, schedule) == 1e-4
+
+
+def test_a_longer_first_stage_stretches_its_schedule(tasks_dir):
+    meta = json.loads((tasks_dir / 'meta.json').read_text())
+    learner = IncrementalLearner(str(tasks_dir), meta, settings(first_stage_iters=10))
+    schedule = lambda it: 1e-3 * (it + 1)
+    assert learner.max_iters == 15 and learner.ends == [10, 15]
+    assert [learner.lr(2 * k, schedule) for k in range(5)] == [schedule(k) for k in range(5)]  # twice as slow
+    assert [learner.lr(10 + k, schedule) for k in range(5)] == pytest.approx([schedule(k) for k in range(5)])  # B: its own
+    history, learner = train_steps(tasks_dir, first_stage_iters=10)
+    assert len(history) == 15 and len(learner.R) == 2 and learner.stage == 1
+
+
+def test_experiment_joint_run_has_the_sequences_total_steps():
+    import incremental_experiment as exp
+    extra = ['--iters_per_task=3', '--lr_decay_iters=3', '--first_stage_iters=12']
+    cmd = exp.command(dict(incremental_tasks='A+B', stages=2), extra, 'out')
+    assert '--iters_per_task=15' in cmd and '--lr_decay_iters=15' in cmd
+    assert cmd.index('--first_stage_iters=0') > cmd.index('--first_stage_iters=12')  # the joint run's one stage
 
 
 def test_reservoir_keeps_every_item_with_equal_probability():
