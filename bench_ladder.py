@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from bench_rows.protocol import stats, time_rounds
 from checkpoint import build_model
-from common import REPO, fail, synchronizer
+from common import REPO, fail, pyplot, synchronizer
 from configurator import configure_or_exit, describe, load_config_file
 from model_efficient import EfficientGPTConfig
 
@@ -91,12 +91,8 @@ def report(results):
 
 
 def plot(results, folder):
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib: pip install -e '.[plot]'")
+    plt = pyplot()
+    if plt is None:
         return
     os.makedirs(folder, exist_ok=True)
     widths = [int(w) for w in results['rows']]

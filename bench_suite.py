@@ -27,7 +27,7 @@ from tqdm import tqdm
 from bench_rows.protocol import greedy, stats, time_pair, time_rounds, train_step
 from bench_rows.roofline import gemv_sweeps, weight_matrices
 from checkpoint import load_checkpoint, model_from_checkpoint
-from common import REPO, autocast, fail, pick_dtype, synchronizer
+from common import REPO, autocast, fail, pick_dtype, pyplot, synchronizer
 from configurator import configure_or_exit, describe, load_config_file
 from evaluate import bits, decoded_loss, decode_consistent_loss, evaluate_loss, streaming_loss
 
@@ -280,12 +280,8 @@ def report(results, cfg, header):
 
 
 def plot(results, folder):
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib: pip install -e '.[plot]'")
+    plt = pyplot()
+    if plt is None:
         return
     os.makedirs(folder, exist_ok=True)
     rows, size = results['rows'], results['config']['size']

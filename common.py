@@ -1,6 +1,6 @@
 """
-What every script shares: how an error is reported, which device and precision 'auto' means, and where
-a dataset lives. Scripts import this (and the other library modules), never each other.
+What every script shares: how an error is reported, which device and precision 'auto' means, where
+a dataset lives, and the optional plotting library. Scripts import this (and the other library modules), never each other.
 """
 
 import os
@@ -55,3 +55,15 @@ def synchronizer(device):
 def dataset_dir(dataset):
     """A dataset by name (a folder under data/) or by path (a folder with train.bin, val.bin, meta.json)."""
     return dataset if os.path.isdir(dataset) else os.path.join(REPO, 'data', dataset)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (after saying how to install it) where matplotlib is absent."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install -e '.[plot]'")
+        return None
+    return plt

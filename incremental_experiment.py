@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from checkpoint import load_checkpoint
-from common import REPO, fail
+from common import REPO, fail, pyplot
 from configurator import configure_or_exit, describe, load_config_file
 from incremental_learning import backward_transfer, forgetting, parse_stages
 
@@ -218,12 +218,8 @@ def cell(value, spec):
 def plot(results, runs, stages, path):
     """One panel per task: its loss after each stage from the stage that learns it, a line per sequential run;
     joint training over the stages so far dashed."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'efficientgpt[plot]')")
+    plt = pyplot()
+    if plt is None:
         return
     tasks = list(dict.fromkeys(t for s in stages for t in s))
     names = ['+'.join(s) for s in stages]

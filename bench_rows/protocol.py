@@ -26,8 +26,8 @@ def stats(xs):
 def time_rounds(fns, runs, work, sync):
     """One untimed warm-up call of each function, then `runs` rounds that call each once in turn (A B C A B C),
     so that a noisy neighbour slows all alike. work is what one call does (e.g. tokens), or a list of each
-    function's; sync waits for the device. Returns the warm-up outputs (for parity checks), the stats (median, min, max) of each function's
-    work/s, and the stats of the per-round ratio of the first function's work/s to each other's."""
+    function's; sync waits for the device. Returns the warm-up outputs (for parity checks), the stats (median,
+    min, max) of each function's work/s, and the stats of the per-round ratio of the first one's to each other's."""
     outs = [fn() for fn in fns]
     sync()
     rates = [[] for _ in fns]

@@ -48,8 +48,9 @@ def roofline(b):
     bytes a generated token reads, and the share of the roofline that batch-1 greedy decode reaches"""
     m, n, threads = b.model, b.new_tokens, torch.get_num_threads()
     per_token = m.decode_cost((n + 1) / 2).weight_bytes  # mean positions attended, as compute() counts them
-    # as many sweeps as the decode reads weights, timed in turn with it (a neighbour slows both alike)
-    sweep, read = gemv_sweeps(weight_matrices(m), max(1, round(n * per_token / m.decode_cost(1).weight_bytes)))
+    # sweeps that read as many bytes as the decode does, timed in turn with it (a neighbour slows both alike)
+    weights = weight_matrices(m)
+    sweep, read = gemv_sweeps(weights, max(1, round(n * per_token / sum(w.nbytes for w in weights))))
     counts = sorted({1, threads, os.cpu_count() or 1})
     _, (decode, *speeds), _ = time_rounds([lambda: m.generate(b.prompt[:1], n, temperature=0),
                                            *(threaded(sweep, t) for t in counts)], b.runs, [n] + [read] * len(counts),
