@@ -47,6 +47,7 @@ MODELS = {
     'local_rope': (['config/train_bench_local.py'], {}),
     'hourglass': (['config/bench_hourglass_k4.py'], {}),
     'efficient_gpt': (['config/efficient_gpt.py'], {}),
+    'efficient_gpt_8l': (['config/efficient_gpt_8l.py'], {}),
 }
 BASELINES = list(MODELS)[:2]
 DEFAULTS = dict(
