@@ -84,10 +84,13 @@ def test_time_to_target_is_the_first_evaluation_at_or_below_it():
     history = [dict(iter=i, tokens=i * 10, train_seconds=i / 10, val_loss=loss)
                for i, loss in ((0, 4.0), (100, 2.5), (200, 2.15), (300, 2.2), (400, 2.0))]
     figures = bench_suite.training_figures({'eval_history': history, 'final_val_loss': 2.01}, target=2.2)
-    assert figures == dict(train_tok_s=100.0, seconds_to_target=20.0, final_val_loss=2.01,
-                           loss_curve=[(h['train_seconds'], h['val_loss']) for h in history])
-    assert bench_suite.training_figures({'eval_history': history}, target=1.0)['seconds_to_target'] is None
-    assert bench_suite.training_figures({}, target=2.2)['seconds_to_target'] is None
+    assert figures == dict(train_tok_s=100.0, iters_to_target=200, seconds_to_target=20.0, final_val_loss=2.01,
+                           loss_curve=[(h['iter'], h['train_seconds'], h['val_loss']) for h in history])
+    assert bench_suite.training_figures({'eval_history': history}, target=1.0)['iters_to_target'] is None
+    assert bench_suite.training_figures({}, target=2.2)['iters_to_target'] is None
+    # the report's time: the iterations at the step speed the suite measured, not the logged seconds
+    assert bench_suite.measured_seconds(dict(figures, train_steps_s=4.0), figures['iters_to_target']) == 50.0
+    assert bench_suite.measured_seconds(figures, figures['iters_to_target']) is None
 
 
 def test_unknown_model_is_an_error(capsys, monkeypatch):
@@ -102,7 +105,8 @@ def test_report_of_an_earlier_run(tmp_path, capsys, monkeypatch):
         return dict(median=x, min=x, max=x)
     row = dict(decode_tok_s=1000.0, vs=dict(baseline=ratio(2.5), strong=ratio(2.0)), batch_tok_s=9000.0,
                batch_vs=dict(baseline=ratio(1.5), strong=ratio(1.2)), val_loss=2.0, bits=2.885, flops_per_token=2e6,
-               weight_bytes_per_token=4e6, kv_cache_bytes=4096, train_tok_s=7000.0, seconds_to_target=120.0)
+               weight_bytes_per_token=4e6, kv_cache_bytes=4096, train_tok_s=7000.0, iters_to_target=300,
+               train_steps_s=2.5)
     base = dict(row, vs=dict(baseline=ratio(1.0), strong=ratio(0.8)))
     strong = dict(row, decode_tok_s=1250.0, val_loss=1.8, vs=dict(baseline=ratio(1.25), strong=ratio(1.0)))
     reference = dict(b1_tok_s=150.0, b1_vs_cached=ratio(0.14), batch_tok_s=300.0, batch_vs_cached=ratio(0.03),
@@ -118,6 +122,7 @@ def test_report_of_an_earlier_run(tmp_path, capsys, monkeypatch):
     # ratios and loss changes against both baselines; 1,000 tok/s * 4 MB / 8 GB/s is half the roofline
     assert '| efficient_gpt | 1,000 | 2.50x (2.50-2.50) | 2.00x (2.00-2.00) | 50% |' in out
     assert '| 2.0200 | +1.0% | +12.2% |' in out
+    assert '| 300 it, 120 s |' in out  # 300 iterations at 2.5 steps/s
     assert '| uncached reference' in out and '0.14x' in out and '| efficient_gpt | 2,100 | 30.0x' in out
 
 
