@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import torch
 
 from bench_rows import MECHANISM_ROWS
-from bench_rows.protocol import greedy, time_pair, val_memmap
-from bench_rows.roofline import roofline
+from bench_rows.protocol import greedy, time_pair, time_rounds, val_memmap
+from bench_rows.roofline import gemv_sweeps, roofline, weight_matrices
 from bench_rows.sparse import teal_levels
 from checkpoint import build_model, from_pretrained, is_pretrained, load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_device, pick_dtype, synchronizer
@@ -27,6 +27,7 @@ from configurator import configure_or_exit, describe
 from early_exit import CRITERIA
 from evaluate import bits, evaluate_loss, fixed_windows
 from model import GPTConfig
+from static_decode import StaticDecoder, why_not_static
 
 # the model measured without --ckpt: random weights, shakespeare_char's size unless overridden
 MODEL_ARGS = {**{f.name: f.default for f in fields(GPTConfig)},
@@ -116,6 +117,29 @@ def compute(b):
                 kv_cache_positions=cache[-1].len, kv_cache_bytes=sum(c.nbytes for c in cache))
 
 
+def static_decode(b):
+    """decode through the static-shape step (static_decode.py; compiled with --compile) / generate(), batch 1 and
+    batched, and each one's share of the roofline at batch 1 (GEMVs over the model's matrices timed in turn)"""
+    if why_not_static(b.model):
+        return None
+    m, n, static = b.model, b.new_tokens, StaticDecoder(b.model, compile=b.compile)
+
+    def gen(decoder, prompt):
+        return lambda: decoder.generate(prompt, n, temperature=0)
+    per_token, weights = m.decode_cost((n + 1) / 2).weight_bytes, weight_matrices(m)
+    sweep, read = gemv_sweeps(weights, max(1, round(n * per_token / sum(w.nbytes for w in weights))))
+    outs, (fast, slow, speed), (ratio, _) = time_rounds([gen(static, b.prompt[:1]), gen(m, b.prompt[:1]), sweep],
+                                                        b.runs, [n, n, read], b.sync)
+    batch_static, batch_generate, batch = time_pair(gen(static, b.prompt), gen(m, b.prompt), b.runs, b.prompt.numel() * n,
+                                                    b.sync)
+    return dict(static_tok_s=fast['median'], generate_tok_s=slow['median'], ratio=ratio,
+                identical_tokens=torch.equal(outs[0], outs[1]),
+                static_roofline_fraction=fast['median'] * per_token / speed['median'],
+                generate_roofline_fraction=slow['median'] * per_token / speed['median'],
+                batch=b.prompt.size(0), batch_static_tok_s=batch['a'], batch_ratio=batch['ratio'],
+                batch_identical_tokens=torch.equal(batch_static, batch_generate))
+
+
 def val_loss(b):
     """validation loss over fixed windows"""
     if not b.val_data:
@@ -159,7 +183,8 @@ def memory(b):
 
 # name -> function(bench) -> dict of figures, or None where the row does not apply; its docstring is the row's
 # title. Rows run in this order; memory stays last so that its peak covers all of them.
-ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, roofline, val_loss,
+ROWS = {f.__name__: f for f in (decode, decode_batch, prefill, prefill_batch, past_block, compute, roofline,
+                                static_decode, val_loss,
                                 *MECHANISM_ROWS, decode_profile, memory)}
 
 
@@ -239,7 +264,7 @@ def main():
         teal_sparsity=teal_levels(config['teal_sparsity']),
         prompt=torch.randint(V, (config['batch'], 1), generator=g).to(device),  # one-token prompts (B, 1)
         prefill_x=torch.randint(V, (config['batch'], T), generator=g).to(device),  # (B, block_size)
-        sync=synchronizer(device),
+        sync=synchronizer(device), compile=config['compile'],
     )
     setup = dict(command=' '.join(['python bench.py', *sys.argv[1:]]), model=config['ckpt'] or 'random weights',
                  model_type=type(model).__name__, params=model.get_num_params(non_embedding=False),

@@ -30,6 +30,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_dtype, pyplot, synchronizer
 from configurator import configure_or_exit, describe, load_config_file
 from evaluate import bits, decoded_loss, decode_consistent_loss, evaluate_loss, streaming_loss
+from static_decode import StaticDecoder
 
 # n_embd: (its size file, the evaluation interval of its trainings: the time to target_loss is read from them)
 SIZES = {128: ('config/train_bench_cpu.py', 100), 384: ('config/train_bench384_cpu.py', 250)}
@@ -50,6 +51,10 @@ MODELS = {
     'efficient_gpt_8l': (['config/efficient_gpt_8l.py'], {}),
 }
 BASELINES = list(MODELS)[:2]
+# the strong baseline through the static-shape decode step (static_decode.py; compiled with --compile): the fastest
+# way this repository decodes a dense model, a third rival in every decode timing
+STATIC = 'strong_static'
+RIVALS = BASELINES + [STATIC]
 DEFAULTS = dict(
     size=128,  # n_embd of the benchmark: 128 (per-op overhead bound at batch 1) or 384 (weight reads bound)
     models=','.join(MODELS),  # comma list of MODELS; both baselines are always measured
@@ -158,7 +163,8 @@ def against(name, fn, baseline_fns, runs, work, sync):
 
 
 def measure(name, m, baselines, data, cfg, prompts, sync, decode, steps=None):
-    """One model's row: speed against both cached baselines at batch 1 and batched, quality as it decodes, work
+    """One model's row: speed against both cached baselines (and the strong one's static step, baselines[STATIC])
+    at batch 1 and batched, quality as it decodes, work
     and weight bytes per token, KV-cache bytes, and for a streaming model its decode past block_size against the
     nanoGPT baseline's uncached reference path and its loss there. decode: generate()'s engine and policy.
     steps: training steps (training_step) by model name, this one's and each baseline's, timed in turn."""
@@ -190,7 +196,7 @@ def measure(name, m, baselines, data, cfg, prompts, sync, decode, steps=None):
                                cfg['reference_runs'], cfg['past_tokens'], sync)
         row.update(past_tok_s=past['a']['median'], past_vs_reference=past['ratio'], **stream_quality(m, data, cfg))
     if steps:
-        train, row['train_step_vs'] = against(name, steps[name], {b: steps[b] for b in baselines}, runs, 1, sync)
+        train, row['train_step_vs'] = against(name, steps[name], {b: steps[b] for b in BASELINES}, runs, 1, sync)
         row['train_steps_s'] = train['median']
     return row
 
@@ -249,8 +255,9 @@ def fmt_row(name, r, rows, read_bytes_s):
     whole = f"{r['final_val_loss']:.4f}" if r.get('final_val_loss') else '—'
     train = f"{r['train_tok_s']:,.0f}" if r.get('train_tok_s') else '—'
     roof = 100 * r['decode_tok_s'] * r['weight_bytes_per_token'] / read_bytes_s
-    cells = [name, f"{r['decode_tok_s']:,.0f}", *(fmt_ratio(r['vs'][b]) for b in BASELINES), f"{roof:.0f}%",
-             f"{r['batch_tok_s']:,.0f}", *(fmt_ratio(r['batch_vs'][b]) for b in BASELINES), f"{r['val_loss']:.4f}",
+    cells = [name, f"{r['decode_tok_s']:,.0f}", *(fmt_ratio(r['vs'][b]) if b in r['vs'] else '—' for b in RIVALS),
+             f"{roof:.0f}%", f"{r['batch_tok_s']:,.0f}",
+             *(fmt_ratio(r['batch_vs'][b]) if b in r['batch_vs'] else '—' for b in RIVALS), f"{r['val_loss']:.4f}",
              *(delta(r['val_loss'], rows[b]['val_loss']) for b in BASELINES), whole,
              f"{r['flops_per_token'] / 1e6:.2f}", f"{r['weight_bytes_per_token'] / 2**20:.2f}",
              f"{r['kv_cache_bytes'] / 1024:.0f}", train, to_target,
@@ -262,7 +269,8 @@ def report(results, cfg, header):
     rows, ref = results['rows'], results['reference']
     print(header)
     print(f"\n{cfg['size']}-dim models. Batch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a "
-          f"one-token prompt; ratios are medians of per-round ratios against each cached baseline (min-max), "
+          f"one-token prompt; ratios are medians of per-round ratios against each cached baseline (min-max; the strong one also "
+          f"through the static-shape decode step{', compiled' if cfg['compile'] else ''}), "
           f"{cfg['runs']} rounds ({cfg['reference_runs']} for the reference paths). % roofline: batch-1 weight bytes "
           f"read per second over the {ref['read_bytes_s'] / 1e9:.2f} GB/s that GEMVs over the baseline's matrices "
           f"read here. Val loss: as each model decodes, over the first {cfg['val_windows']} fixed windows of "
@@ -270,13 +278,13 @@ def report(results, cfg, header):
           f"each model's own optimizer, timed in turn with the baselines'. Training time to "
           f"{results['target_loss']:.4f} (the strong baseline's final estimate): the first evaluation at or below "
           f"it, from the run's log, at that measured step speed. Train tok/s: from the run's log, as it ran")
-    print(f"\n| model | tok/s b=1 | vs baseline | vs strong | % roofline | tok/s b={cfg['batch']} | vs baseline | "
-          f"vs strong | val loss | Δ vs baseline | Δ vs strong | whole-split loss | MFLOPs/token | weight MiB/token | "
+    print(f"\n| model | tok/s b=1 | vs baseline | vs strong | vs strong, static step | % roofline | tok/s b={cfg['batch']} | "
+          f"vs baseline | vs strong | vs strong, static step | val loss | Δ vs baseline | Δ vs strong | whole-split loss | MFLOPs/token | weight MiB/token | "
           f"KV KiB | train tok/s | train time to {results['target_loss']:.4f} | train step speed vs baseline | "
           f"vs strong |")
-    print('|---' * 19 + '|')
-    print(f"| uncached reference (nanoGPT's generate) | {ref['b1_tok_s']:,.0f} | {fmt_ratio(ref['b1_vs_cached'])} | | | "
-          f"{ref['batch_tok_s']:,.0f} | {fmt_ratio(ref['batch_vs_cached'])} |" + ' |' * 13)
+    print('|---' * 21 + '|')
+    print(f"| uncached reference (nanoGPT's generate) | {ref['b1_tok_s']:,.0f} | {fmt_ratio(ref['b1_vs_cached'])} | | | | "
+          f"{ref['batch_tok_s']:,.0f} | {fmt_ratio(ref['batch_vs_cached'])} |" + ' |' * 14)
     for name, r in rows.items():
         print(fmt_row(name, r, rows, ref['read_bytes_s']))
     print(f"\n{cfg['past_tokens']} new tokens, past block_size, batch 1, against the nanoGPT baseline's uncached "
@@ -361,6 +369,7 @@ def main():
     sync = synchronizer(device)
     loaded = {b: load(b, cfg) for b in BASELINES}
     baselines = {b: m for b, (m, _) in loaded.items()}
+    baselines[STATIC] = StaticDecoder(baselines[BASELINES[1]], compile=cfg['compile'])
     base = baselines[BASELINES[0]]
     strong_history = loaded[BASELINES[1]][1].get('eval_history') or [dict(val_loss=0.0)]
     data = np.memmap(os.path.join(REPO, 'data', 'shakespeare_char', 'val.bin'), dtype=np.uint16, mode='r')

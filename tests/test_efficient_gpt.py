@@ -14,6 +14,7 @@ from evaluate import evaluate_loss, streaming_loss
 from hierarchical_modules import groups_closed
 from model import GPT, GPTConfig
 from model_efficient import EfficientGPT, EfficientGPTConfig
+from static_decode import StaticDecoder
 
 CONFIG = load_config_file(os.path.join(bench_suite.REPO, 'config', 'train_efficient_gpt.py'))
 BASE = load_config_file(os.path.join(bench_suite.REPO, bench_suite.SIZES[128][0]))
@@ -103,7 +104,8 @@ def test_unknown_model_is_an_error(capsys, monkeypatch):
 def test_report_of_an_earlier_run(tmp_path, capsys, monkeypatch):
     def ratio(x):
         return dict(median=x, min=x, max=x)
-    row = dict(decode_tok_s=1000.0, vs=dict(baseline=ratio(2.5), strong=ratio(2.0)), batch_tok_s=9000.0,
+    row = dict(decode_tok_s=1000.0, vs=dict(baseline=ratio(2.5), strong=ratio(2.0), strong_static=ratio(1.6)),
+               batch_tok_s=9000.0,
                batch_vs=dict(baseline=ratio(1.5), strong=ratio(1.2)), val_loss=2.0, bits=2.885, flops_per_token=2e6,
                weight_bytes_per_token=4e6, kv_cache_bytes=4096, train_tok_s=7000.0, iters_to_target=300,
                train_steps_s=2.5)
@@ -120,7 +122,8 @@ def test_report_of_an_earlier_run(tmp_path, capsys, monkeypatch):
     bench_suite.main()
     out = capsys.readouterr().out
     # ratios and loss changes against both baselines; 1,000 tok/s * 4 MB / 8 GB/s is half the roofline
-    assert '| efficient_gpt | 1,000 | 2.50x (2.50-2.50) | 2.00x (2.00-2.00) | 50% |' in out
+    assert '| efficient_gpt | 1,000 | 2.50x (2.50-2.50) | 2.00x (2.00-2.00) | 1.60x (1.60-1.60) | 50% |' in out
+    assert '| 1.50x (1.50-1.50) | 1.20x (1.20-1.20) | — | 2.0200 |' in out  # batched: no static-step ratio in this run
     assert '| 2.0200 | +1.0% | +12.2% |' in out
     assert '| 300 it, 120 s |' in out  # 300 iterations at 2.5 steps/s
     assert '| uncached reference' in out and '0.14x' in out and '| efficient_gpt | 2,100 | 30.0x' in out
@@ -150,10 +153,9 @@ def test_suite_row_of_a_streaming_model_against_the_baseline():
         x, before = torch.randint(50, (2, 32)), [p.clone() for p in model.parameters()]
         steps = {name: bench_suite.training_step(m, dict(config=TRAIN), x)
                  for name, m in (('efficient_gpt', model), ('baseline', base), ('strong', strong))}
-        row = bench_suite.measure('efficient_gpt', model, dict(baseline=base, strong=strong), data, cfg, prompts,
-                                  lambda: None, {}, steps)
-        base_row = bench_suite.measure('baseline', base, dict(baseline=base, strong=strong), data, cfg, prompts,
-                                       lambda: None, {})
+        rivals = dict(baseline=base, strong=strong, strong_static=StaticDecoder(strong))
+        row = bench_suite.measure('efficient_gpt', model, rivals, data, cfg, prompts, lambda: None, {}, steps)
+        base_row = bench_suite.measure('baseline', base, rivals, data, cfg, prompts, lambda: None, {})
         ref = bench_suite.reference(base, cfg, prompts, lambda: None)
     # the loss read through the cached decode is the forward's: the model decodes what it trained
     assert row['val_loss'] == pytest.approx(evaluate_loss(model, data, 32, 2, 2), rel=1e-4)
@@ -161,7 +163,7 @@ def test_suite_row_of_a_streaming_model_against_the_baseline():
     assert row['flops_per_token'] == model.decode_cost(4.5).flops < GPT.decode_cost(model, 4.5).flops
     assert row['past_vs_reference']['median'] > 0 and 'stream_loss_past_block' in row and row['kv_cache_bytes'] > 0
     assert {'b1_vs_cached', 'batch_vs_cached', 'past_vs_cached'} <= ref.keys() and ref['read_bytes_s'] > 0
-    assert row['vs'].keys() == row['batch_vs'].keys() == {'baseline', 'strong'}
+    assert row['vs'].keys() == row['batch_vs'].keys() == {'baseline', 'strong', 'strong_static'}
     assert base_row['vs']['baseline']['median'] == 1.0 and base_row['vs']['strong']['runs'] != [1.0]
     assert row['train_step_vs'].keys() == {'baseline', 'strong'} and row['train_steps_s'] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the steps trained copies
