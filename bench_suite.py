@@ -30,7 +30,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_dtype, pyplot, synchronizer
 from configurator import configure_or_exit, describe, load_config_file
 from evaluate import bits, decoded_loss, decode_consistent_loss, evaluate_loss, streaming_loss
-from static_decode import StaticDecoder
+from static_decode import StaticDecoder, why_not_static
 
 # n_embd: (its size file, the evaluation interval of its trainings: the time to target_loss is read from them)
 SIZES = {128: ('config/train_bench_cpu.py', 100), 384: ('config/train_bench384_cpu.py', 250)}
@@ -52,7 +52,8 @@ MODELS = {
 }
 BASELINES = list(MODELS)[:2]
 # the strong baseline through the static-shape decode step (static_decode.py; compiled with --compile): the fastest
-# way this repository decodes a dense model, a third rival in every decode timing
+# way this repository decodes a dense model. Every model's fastest decode (its own static step where it has one)
+# is timed against it
 STATIC = 'strong_static'
 RIVALS = BASELINES + [STATIC]
 DEFAULTS = dict(
@@ -162,21 +163,28 @@ def against(name, fn, baseline_fns, runs, work, sync):
     return rates[0], vs
 
 
-def measure(name, m, baselines, data, cfg, prompts, sync, decode, steps=None):
-    """One model's row: speed against both cached baselines (and the strong one's static step, baselines[STATIC])
-    at batch 1 and batched, quality as it decodes, work
-    and weight bytes per token, KV-cache bytes, and for a streaming model its decode past block_size against the
-    nanoGPT baseline's uncached reference path and its loss there. decode: generate()'s engine and policy.
-    steps: training steps (training_step) by model name, this one's and each baseline's, timed in turn."""
+def measure(name, m, baselines, data, cfg, prompts, sync, decode, steps=None, static=None):
+    """One model's row: speed against both cached baselines at batch 1 and batched, and each one's fastest decode
+    against the strong baseline's static step (baselines[STATIC]); quality as it decodes, work and weight bytes per
+    token, KV-cache bytes, and for a streaming model its decode past block_size against the nanoGPT baseline's
+    uncached reference path and its loss there. decode: generate()'s engine and policy. steps: training steps
+    (training_step) by model name, this one's and each baseline's, timed in turn. static: the model's own
+    StaticDecoder, where it has one (its fastest decode: timed against the strong one's static step)."""
     n, runs = cfg['new_tokens'], cfg['runs']
 
     def gen(model, prompt, tokens, **policy):
         return lambda: model.generate(prompt, tokens, temperature=0, **policy)
 
     def timed(prompt):
-        """n tokens after prompt: this model with its decode policy, in turn with each baseline in full."""
-        return against(name, gen(m, prompt, n, **decode), {b: gen(bm, prompt, n) for b, bm in baselines.items()},
-                       runs, n * prompt.size(0), sync)
+        """n tokens after prompt: this model with its decode policy, in turn with each rival in full; with a static
+        step of its own, that step in turn with the strong baseline's."""
+        rivals = {b: gen(bm, prompt, n) for b, bm in baselines.items() if static is None or b != STATIC}
+        rate, vs = against(name, gen(m, prompt, n, **decode), rivals, runs, n * prompt.size(0), sync)
+        if static is not None:  # the strong baseline's own static step is the rival itself: exactly 1
+            own = STATIC if static is baselines[STATIC] else name
+            vs[STATIC] = against(own, gen(static, prompt, n), {STATIC: gen(baselines[STATIC], prompt, n)}, runs,
+                                 n * prompt.size(0), sync)[1][STATIC]
+        return rate, vs
 
     b1, b1_vs = timed(prompts[:1])
     batch, batch_vs = timed(prompts)
@@ -269,8 +277,9 @@ def report(results, cfg, header):
     rows, ref = results['rows'], results['reference']
     print(header)
     print(f"\n{cfg['size']}-dim models. Batch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a "
-          f"one-token prompt; ratios are medians of per-round ratios against each cached baseline (min-max; the strong one also "
-          f"through the static-shape decode step{', compiled' if cfg['compile'] else ''}), "
+          f"one-token prompt; ratios are medians of per-round ratios against each cached baseline (min-max). Static step: each "
+          f"model's fastest decode (its own static-shape step where it has one) against the strong baseline's "
+          f"static step{', both compiled' if cfg['compile'] else ''}; "
           f"{cfg['runs']} rounds ({cfg['reference_runs']} for the reference paths). % roofline: batch-1 weight bytes "
           f"read per second over the {ref['read_bytes_s'] / 1e9:.2f} GB/s that GEMVs over the baseline's matrices "
           f"read here. Val loss: as each model decodes, over the first {cfg['val_windows']} fixed windows of "
@@ -278,8 +287,9 @@ def report(results, cfg, header):
           f"each model's own optimizer, timed in turn with the baselines'. Training time to "
           f"{results['target_loss']:.4f} (the strong baseline's final estimate): the first evaluation at or below "
           f"it, from the run's log, at that measured step speed. Train tok/s: from the run's log, as it ran")
-    print(f"\n| model | tok/s b=1 | vs baseline | vs strong | vs strong, static step | % roofline | tok/s b={cfg['batch']} | "
-          f"vs baseline | vs strong | vs strong, static step | val loss | Δ vs baseline | Δ vs strong | whole-split loss | MFLOPs/token | weight MiB/token | "
+    print(f"\n| model | tok/s b=1 | vs baseline | vs strong | static step vs strong's | % roofline | "
+          f"tok/s b={cfg['batch']} | vs baseline | vs strong | static step vs strong's | val loss | Δ vs baseline | "
+          f"Δ vs strong | whole-split loss | MFLOPs/token | weight MiB/token | "
           f"KV KiB | train tok/s | train time to {results['target_loss']:.4f} | train step speed vs baseline | "
           f"vs strong |")
     print('|---' * 21 + '|')
@@ -388,7 +398,9 @@ def main():
             decode = MODELS[name][1]
             if steps and name not in steps:
                 steps[name] = training_step(m, ckpt, x)
-            row = measure(name, m, baselines, data, cfg, prompts, sync, decode, steps)
+            static = baselines[STATIC] if name == BASELINES[1] else None if why_not_static(m) else \
+                StaticDecoder(m, compile=cfg['compile'])
+            row = measure(name, m, baselines, data, cfg, prompts, sync, decode, steps, static)
             if name not in BASELINES:
                 steps.pop(name, None)
             results['rows'][name] = {**row, **training_figures(ckpt, results['target_loss'])}

@@ -154,7 +154,8 @@ def test_suite_row_of_a_streaming_model_against_the_baseline():
         steps = {name: bench_suite.training_step(m, dict(config=TRAIN), x)
                  for name, m in (('efficient_gpt', model), ('baseline', base), ('strong', strong))}
         rivals = dict(baseline=base, strong=strong, strong_static=StaticDecoder(strong))
-        row = bench_suite.measure('efficient_gpt', model, rivals, data, cfg, prompts, lambda: None, {}, steps)
+        row = bench_suite.measure('efficient_gpt', model, rivals, data, cfg, prompts, lambda: None, {}, steps,
+                                  StaticDecoder(model))  # its own static step against the strong one's
         base_row = bench_suite.measure('baseline', base, rivals, data, cfg, prompts, lambda: None, {})
         ref = bench_suite.reference(base, cfg, prompts, lambda: None)
     # the loss read through the cached decode is the forward's: the model decodes what it trained
@@ -165,5 +166,6 @@ def test_suite_row_of_a_streaming_model_against_the_baseline():
     assert {'b1_vs_cached', 'batch_vs_cached', 'past_vs_cached'} <= ref.keys() and ref['read_bytes_s'] > 0
     assert row['vs'].keys() == row['batch_vs'].keys() == {'baseline', 'strong', 'strong_static'}
     assert base_row['vs']['baseline']['median'] == 1.0 and base_row['vs']['strong']['runs'] != [1.0]
+    assert row['vs']['strong_static']['runs'] != [1.0] and base_row['vs']['strong_static']['runs'] != [1.0]
     assert row['train_step_vs'].keys() == {'baseline', 'strong'} and row['train_steps_s'] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the steps trained copies
