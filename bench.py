@@ -19,7 +19,7 @@ import torch
 
 from bench_rows import MECHANISM_ROWS
 from bench_rows.protocol import greedy, time_pair, time_rounds, val_memmap
-from bench_rows.roofline import gemv_sweeps, roofline, weight_matrices
+from bench_rows.roofline import decode_sized_sweep, roofline
 from bench_rows.sparse import teal_levels
 from checkpoint import build_model, from_pretrained, is_pretrained, load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_device, pick_dtype, synchronizer
@@ -126,12 +126,12 @@ def static_decode(b):
 
     def gen(decoder, prompt):
         return lambda: decoder.generate(prompt, n, temperature=0)
-    per_token, weights = m.decode_cost((n + 1) / 2).weight_bytes, weight_matrices(m)
-    sweep, read = gemv_sweeps(weights, max(1, round(n * per_token / sum(w.nbytes for w in weights))))
+    per_token = m.decode_cost((n + 1) / 2).weight_bytes
+    sweep, read = decode_sized_sweep(m, n, per_token)
     outs, (fast, slow, speed), (ratio, _) = time_rounds([gen(static, b.prompt[:1]), gen(m, b.prompt[:1]), sweep],
                                                         b.runs, [n, n, read], b.sync)
-    batch_static, batch_generate, batch = time_pair(gen(static, b.prompt), gen(m, b.prompt), b.runs, b.prompt.numel() * n,
-                                                    b.sync)
+    batch_static, batch_generate, batch = time_pair(gen(static, b.prompt), gen(m, b.prompt), b.runs,
+                                                    b.prompt.numel() * n, b.sync)
     return dict(static_tok_s=fast['median'], generate_tok_s=slow['median'], ratio=ratio,
                 identical_tokens=torch.equal(outs[0], outs[1]),
                 static_roofline_fraction=fast['median'] * per_token / speed['median'],

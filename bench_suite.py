@@ -120,17 +120,15 @@ def load(name, cfg):
 
 def training_figures(ckpt, target):
     """From the run's log: training tok/s, its loss curve (iteration, training seconds with evaluations excluded,
-    val loss), and the iteration and training time of the first evaluation at or below target. The logged
+    val loss), and the iteration of the first evaluation at or below target. The logged
     seconds are as the run went (other jobs beside it slow them); the report's time to target is the iteration
     at the step speed measured in the suite's one process."""
     history = ckpt.get('eval_history') or []
     if not history or not history[-1]['train_seconds']:
-        return dict(train_tok_s=None, iters_to_target=None, seconds_to_target=None,
-                    final_val_loss=ckpt.get('final_val_loss'))
+        return dict(train_tok_s=None, iters_to_target=None, final_val_loss=ckpt.get('final_val_loss'))
     hit = next((h for h in history if h['val_loss'] <= target), None)
     return dict(train_tok_s=history[-1]['tokens'] / history[-1]['train_seconds'],
-                iters_to_target=hit['iter'] if hit else None, seconds_to_target=hit['train_seconds'] if hit else None,
-                final_val_loss=ckpt.get('final_val_loss'),
+                iters_to_target=hit['iter'] if hit else None, final_val_loss=ckpt.get('final_val_loss'),
                 loss_curve=[(h['iter'], h['train_seconds'], h['val_loss']) for h in history])
 
 
@@ -277,8 +275,8 @@ def report(results, cfg, header):
     rows, ref = results['rows'], results['reference']
     print(header)
     print(f"\n{cfg['size']}-dim models. Batch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a "
-          f"one-token prompt; ratios are medians of per-round ratios against each cached baseline (min-max). Static step: each "
-          f"model's fastest decode (its own static-shape step where it has one) against the strong baseline's "
+          f"one-token prompt; ratios are medians of per-round ratios against each cached baseline (min-max). "
+          f"Static step: each model's fastest decode (its own static-shape step where it has one) against the strong baseline's "
           f"static step{', both compiled' if cfg['compile'] else ''}; "
           f"{cfg['runs']} rounds ({cfg['reference_runs']} for the reference paths). % roofline: batch-1 weight bytes "
           f"read per second over the {ref['read_bytes_s'] / 1e9:.2f} GB/s that GEMVs over the baseline's matrices "

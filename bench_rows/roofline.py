@@ -32,6 +32,13 @@ def gemv_sweeps(weights, sweeps):
     return run, sweeps * sum(w.nbytes for w in weights)
 
 
+def decode_sized_sweep(model, tokens, per_token):
+    """gemv_sweeps over the model's matrices reading as many bytes as decoding `tokens` tokens of per_token bytes
+    does, so that both are timed over the same traffic."""
+    weights = weight_matrices(model)
+    return gemv_sweeps(weights, max(1, round(tokens * per_token / sum(w.nbytes for w in weights))))
+
+
 def threaded(fn, threads):
     def run():
         previous = torch.get_num_threads()
@@ -48,9 +55,7 @@ def roofline(b):
     bytes a generated token reads, and the share of the roofline that batch-1 greedy decode reaches"""
     m, n, threads = b.model, b.new_tokens, torch.get_num_threads()
     per_token = m.decode_cost((n + 1) / 2).weight_bytes  # mean positions attended, as compute() counts them
-    # sweeps that read as many bytes as the decode does, timed in turn with it (a neighbour slows both alike)
-    weights = weight_matrices(m)
-    sweep, read = gemv_sweeps(weights, max(1, round(n * per_token / sum(w.nbytes for w in weights))))
+    sweep, read = decode_sized_sweep(m, n, per_token)  # timed in turn with the decode: a neighbour slows both alike
     counts = sorted({1, threads, os.cpu_count() or 1})
     _, (decode, *speeds), _ = time_rounds([lambda: m.generate(b.prompt[:1], n, temperature=0),
                                            *(threaded(sweep, t) for t in counts)], b.runs, [n] + [read] * len(counts),
