@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from model import GPT, GPTConfig, Optimizers
+from model import GPT, GPTConfig, Muon, Optimizers
 from model_efficient import EfficientGPT, EfficientGPTConfig
 from test_train import tiny_data, train  # noqa: F401 (tiny_data is a fixture)
 
@@ -185,8 +185,7 @@ def test_muon_steps_at_its_scaled_rate_and_the_schedule_keeps_its_value(tiny_arg
     twin = make(tiny_args, pos_emb='rope', big=False)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu', 'muon', muon_lr_scale=3.0)
     w = model.transformer.h[0].mlp.c_fc.weight
-    alone = torch.optim.Muon([twin.transformer.h[0].mlp.c_fc.weight], lr=3e-3, weight_decay=0.1,
-                             adjust_lr_fn='match_rms_adamw')
+    alone = Muon([twin.transformer.h[0].mlp.c_fc.weight], lr=3e-3, weight_decay=0.1, adjust_lr_fn='match_rms_adamw')
     x = torch.randint(0, 50, (2, 16))
     for m in (model, twin):
         m(x, x)[1].backward()
@@ -194,6 +193,27 @@ def test_muon_steps_at_its_scaled_rate_and_the_schedule_keeps_its_value(tiny_arg
     alone.step()
     torch.testing.assert_close(w, twin.transformer.h[0].mlp.c_fc.weight)
     assert [g['lr'] for g in opt.param_groups] == [1e-3] * 3
+
+
+@pytest.mark.parametrize('adjust_lr_fn', ['match_rms_adamw', None])
+def test_muon_is_torchs_step_with_the_iteration_in_float32_on_cpu(adjust_lr_fn):
+    # in bfloat16 the step is torch.optim.Muon's to the bit; the float32 iteration (the CPU default) is the same
+    # update within bfloat16's rounding
+    torch.manual_seed(0)
+    start = [torch.randn(24, 40), torch.randn(40, 24)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(3)]
+    ours16, ours32, torchs = ([w.clone().requires_grad_() for w in start] for _ in range(3))
+    kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
+    opts = [Muon(ours16, ns_dtype=torch.bfloat16, **kw), Muon(ours32, **kw), torch.optim.Muon(torchs, **kw)]
+    for step_grads in grads:
+        for ws, opt in zip((ours16, ours32, torchs), opts):
+            for w, g in zip(ws, step_grads):
+                w.grad = g.clone()
+            opt.step()
+    for a, b, c, w0 in zip(ours16, ours32, torchs, start):
+        assert torch.equal(a, c)
+        assert not torch.equal(b, c)
+        assert (b - c).norm() < 0.05 * (c - w0).norm()
 
 
 def test_muon_and_wsd_resume_exactly(tmp_path, tiny_data):  # noqa: F811
