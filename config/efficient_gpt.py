@@ -16,6 +16,11 @@ hierarchy_layers = ':-1'  # every layer but the last
 pos_emb = 'rope'
 enable_local_attention = True
 local_attention_window = 64
+# Muon for the hidden matrices, as the strong baseline, at 2x AdamW's rate: 1.7456 against AdamW's 1.8204 at 128
+# dims, and at 384 dims AdamW at nanoGPT's 1e-3 never left the unigram loss (3.35) while Muon x2 trains. 5x (the
+# strong baseline's) diverges on the hourglass (docs/combination.md)
+optimizer = 'muon'
+muon_lr_scale = 2.0
 # Left off, each measured alone on this model (docs/): top-k and MoE MLPs slow batch-1 decode at 128
 # dims (0.80x and 0.60x: the gathered down-projection and the router cost more than they skip); ACT slows
 # it too (0.68x); early exit alone reached 2.09x only at +4.5% loss.
