@@ -121,13 +121,16 @@ class ReplayBuffer:
     algorithm R): the first `size` windows fill the buffer, the n-th after that (n counted from 1 over
     all windows offered) replaces a random slot with probability size/n, so each window offered is in the
     buffer with the same probability size/seen. Windows (size, T + 1) and their task ids live in tensors,
-    its random state beside them: state_dict() goes into the checkpoint."""
+    its random state beside them: state_dict() goes into the checkpoint. balance: how replayed windows are drawn,
+    uniformly over the eligible 'windows' (a task that trained longer is replayed more), or over 'tasks' first
+    (each earlier task an equal share, as joint training mixes its datasets)."""
 
-    def __init__(self, size, window, seed):
+    def __init__(self, size, window, seed, balance='windows'):
         self.windows = torch.zeros(size, window, dtype=torch.int64)  # (size, T + 1)
         self.tasks = torch.full((size,), -1, dtype=torch.int64)  # task index of each slot, -1: empty
         self.seen = 0
         self.generator = torch.Generator().manual_seed(seed)
+        self.by_task = balance == 'tasks'
 
     def add(self, windows, task):
         size = len(self.windows)
@@ -138,12 +141,18 @@ class ReplayBuffer:
             self.seen += 1
 
     def sample(self, n, exclude, generator):
-        """n windows (n, T + 1) drawn uniformly, with replacement, among those of tasks not in exclude
-        (the tasks being trained now); fewer (none) when the buffer holds no such window."""
+        """n windows (n, T + 1) drawn with replacement among those of tasks not in exclude (the tasks being
+        trained now), uniformly or each task an equal share in expectation; none when the buffer holds no such window."""
         eligible = torch.nonzero((self.tasks >= 0) & ~torch.isin(self.tasks, torch.tensor(exclude))).flatten()
         if len(eligible) == 0:
             return self.windows[:0]
-        return self.windows[eligible[torch.randint(len(eligible), (n,), generator=generator)]]
+        if not self.by_task:
+            return self.windows[eligible[torch.randint(len(eligible), (n,), generator=generator)]]
+        groups = [eligible[self.tasks[eligible] == t] for t in self.tasks[eligible].unique()]  # slots per task
+        task_of_draw = torch.randint(len(groups), (n,), generator=generator)
+        picks = [g[torch.randint(len(g), (int((task_of_draw == i).sum()),), generator=generator)]
+                 for i, g in enumerate(groups)]
+        return self.windows[torch.cat(picks)]
 
     def state_dict(self):
         return dict(windows=self.windows, tasks=self.tasks, seen=self.seen, rng=self.generator.get_state())
@@ -214,6 +223,8 @@ class IncrementalLearner:
                    f"stage_lr_schedule must be 'rewarm' or 'constant', not {c['stage_lr_schedule']!r}"),
                   (c['stage_lr_peak'] > 0, "stage_lr_peak must be > 0"),
                   (c['replay_ratio'] == 0 or c['replay_buffer_size'] > 0, "replay_ratio > 0 needs replay_buffer_size > 0"),
+                  (c['replay_balance'] in ('windows', 'tasks'),
+                   f"replay_balance must be 'windows' or 'tasks', not {c['replay_balance']!r}"),
                   (c['fisher_batches'] > 0 or c['importance'] == 'si' or not uses_importance,
                    f"ewc_lambda, adaptive_lr_strength and protect_fraction need importance={c['importance']!r} "
                    "measured: set fisher_batches > 0 (or importance='si', measured during training)")]
@@ -240,7 +251,8 @@ class IncrementalLearner:
                 if tokens <= self.block_size:
                     raise ValueError(f"{task}_{split}.bin of {data_dir} has {tokens:,} tokens, too few for one window of "
                                      f"block_size={self.block_size} (that needs block_size + 1)")
-        self.buffer = ReplayBuffer(c['replay_buffer_size'], self.block_size + 1, c['seed']) if c['replay_buffer_size'] else None
+        self.buffer = ReplayBuffer(c['replay_buffer_size'], self.block_size + 1, c['seed'], c['replay_balance']) \
+            if c['replay_buffer_size'] else None
         self.stage, self.R, self.diagnostics = 0, [], []
         # importance: the γ-decayed sum over finished stages (adaptive lr, protection); terms: EWC's (anchor,
         # importance) pairs, one per earlier stage (per_task) or one (online); si: the running path integral

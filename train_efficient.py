@@ -71,6 +71,7 @@ importance = 'fisher'  # F of EWC and adaptive lr: 'fisher', 'mas' (output sensi
 fisher_batches = 0  # batches for the Fisher or MAS importance after each stage (EWC, adaptive lr); 0: none
 replay_buffer_size = 0  # windows kept by reservoir sampling over all training windows; 0: no buffer
 replay_ratio = 0.0  # fraction of each training batch replayed from earlier tasks (round half up), in [0, 1)
+replay_balance = 'windows'  # 'windows': replay draws uniformly over the buffer; 'tasks': each earlier task an equal share
 adaptive_lr_strength = 0.0  # each parameter's update scaled by 1 / (1 + strength * F / mean F)
 protect_fraction = 0.0  # the top fraction of all weights by importance F have their updates scaled by protect_scale
 protect_scale = 0.0  # protect_fraction's update scale: 0 freezes them, 0.1 damps them tenfold
@@ -269,7 +270,7 @@ if model_type == 'gpt':
     if stray:
         fail(f"{', '.join(stray)} only appl{'ies' if len(stray) == 1 else 'y'} to model_type='efficient'")
 incremental_keys = ('iters_per_task', 'first_stage_iters', 'ewc_lambda', 'ewc_gamma', 'ewc_mode', 'importance', 'fisher_batches',
-                    'replay_buffer_size', 'replay_ratio', 'adaptive_lr_strength', 'protect_fraction', 'protect_scale',
+                    'replay_buffer_size', 'replay_ratio', 'replay_balance', 'adaptive_lr_strength', 'protect_fraction', 'protect_scale',
                     'stage_lr_schedule', 'stage_lr_peak')
 if not incremental_tasks and any(config[k] != script_defaults[k] for k in incremental_keys):
     fail(f"{', '.join(k for k in incremental_keys if config[k] != script_defaults[k])}: these keys need incremental_tasks (e.g. incremental_tasks='A,B')")

@@ -43,7 +43,7 @@ def tasks_dir(tmp_path):
 def settings(**kw):
     c = dict(incremental_tasks='A,B', iters_per_task=5, first_stage_iters=0, block_size=16, batch_size=12, seed=0, final_eval_windows=4,
              ewc_lambda=0.0, ewc_gamma=1.0, ewc_mode='online', importance='fisher', fisher_batches=0,
-             replay_buffer_size=0, replay_ratio=0.0, adaptive_lr_strength=0.0, protect_fraction=0.0, protect_scale=0.0,
+             replay_buffer_size=0, replay_ratio=0.0, replay_balance='windows', adaptive_lr_strength=0.0, protect_fraction=0.0, protect_scale=0.0,
              stage_lr_schedule='rewarm', stage_lr_peak=1.0, min_lr=1e-4)
     c.update(kw)
     return c
@@ -248,6 +248,18 @@ def test_reservoir_keeps_every_item_with_equal_probability():
     assert abs(freq[:k].mean() - freq[-k:].mean()) < 0.03
 
 
+@pytest.mark.parametrize('balance, share_of_task_0', [('windows', 0.75), ('tasks', 0.5)])
+def test_replay_draws_over_windows_or_gives_each_task_an_equal_share(balance, share_of_task_0):
+    # the buffer holds 3 windows of task 0 for each of task 1; task 2 is being trained and is never replayed
+    buffer = ReplayBuffer(100, 1, seed=0, balance=balance)
+    buffer.add(torch.zeros(60, 1, dtype=torch.int64), task=0)
+    buffer.add(torch.ones(20, 1, dtype=torch.int64), task=1)
+    buffer.add(torch.full((20, 1), 2), task=2)
+    drawn = buffer.sample(20000, [2], torch.Generator().manual_seed(0)).flatten()
+    assert len(drawn) == 20000 and set(drawn.tolist()) == {0, 1}
+    assert abs((drawn == 0).float().mean().item() - share_of_task_0) < 0.015  # over 4 standard errors
+
+
 def test_replay_state_round_trips():
     a = ReplayBuffer(4, 3, seed=0)
     a.add(torch.arange(30).view(10, 3), task=0)
@@ -287,6 +299,7 @@ def test_joint_stage_mixes_tasks_in_equal_shares(tasks_dir):
 def test_settings_are_validated(tasks_dir):
     meta = json.loads((tasks_dir / 'meta.json').read_text())
     for bad, message in [(dict(incremental_tasks='A,Z'), 'names Z'), (dict(replay_ratio=0.5), 'replay_buffer_size'),
+                         (dict(replay_balance='task'), 'replay_balance'),
                          (dict(ewc_lambda=1.0), 'fisher_batches'), (dict(ewc_gamma=2.0), 'ewc_gamma')]:
         with pytest.raises(ValueError, match=message):
             IncrementalLearner(str(tasks_dir), meta, settings(**bad))
