@@ -23,6 +23,7 @@ importance = 'fisher'  # 'fisher', 'mas' or 'si': the importance EWC's penalty a
 fisher_batches = 0  # batches of 12 windows for the Fisher or MAS after each stage (e.g. 20, 100)
 replay_buffer_size = 0  # reservoir of earlier windows (e.g. 500, 2000, 8000; a stage sees 3,600)
 replay_ratio = 0.0  # replayed share of each batch (e.g. 0.01, 0.05, 0.125, 0.25, 0.5)
+replay_balance = 'windows'  # 'windows': uniform over the buffer; 'tasks': each earlier task an equal share
 adaptive_lr_strength = 0.0  # update scale 1 / (1 + s * F / mean F)
 protect_fraction = 0.0  # the top fraction of weights by importance whose updates are scaled by protect_scale
 protect_scale = 0.0  # 0 freezes the protected weights, 0.1 damps them tenfold
