@@ -76,7 +76,9 @@ DEFAULTS = dict(
     target_loss=0.0,  # time to reach this val loss in training (nanoGPT's estimate); 0: the strong baseline's final one
     json='bench_suite.json',
     plot='',  # a folder for frontier_<size>.png and <model>_exit_layers.png
-    report='',  # a JSON file of an earlier run: print its table (and --plot it) without measuring anything
+    # JSON files of earlier runs, comma-separated: print their table (and --plot it) without measuring anything; a
+    # later file adds or replaces models, the baselines' rows stay the first file's (each row keeps its own run's ratios)
+    report='',
 )
 
 
@@ -354,8 +356,10 @@ def plot(results, folder):
 def main():
     cfg = configure_or_exit(DEFAULTS, sys.argv[1:], __doc__, describe(__file__))
     if cfg['report']:
-        with open(cfg['report']) as f:
-            results = json.load(f)
+        results, *later = [json.load(open(path)) for path in cfg['report'].split(',')]
+        for more in later:
+            results['rows'].update({n: r for n, r in more['rows'].items() if n not in BASELINES})
+            results['header'] = f"{results.get('header', '')}\n{more.get('header', '')}"
         report(results, results['config'], results.get('header', ''))
         if cfg['plot']:
             plot(results, cfg['plot'])

@@ -48,8 +48,8 @@ SETTINGS = dict(  # the methods' settings (docs/incremental.md)
     si_lambda=0.1,  # the penalty weight with Synaptic Intelligence's importance (si)
     mas_lambda=10.0,  # the penalty weight with Memory Aware Synapses' importance (mas)
     fisher_batches=20,  # batches for the Fisher (or MAS) after each stage
-    # windows kept for replay: 8,000 keeps every window the default stages train on (7,200 over A -> B -> C); 2,000 left
-    # B 3.8% above joint training after A -> B -> C, 8,000 3.3% (docs/incremental.md)
+    # windows kept for replay: 8,000 keeps every window the default stages train on (7,200 over A -> B -> C);
+    # 2,000 left B 3.8% above joint training after A -> B -> C, 8,000 3.3% (docs/incremental.md)
     replay_buffer_size=8000,
     # fraction of each batch replayed from earlier tasks: 0.5 came closest to joint training of 0.125, 0.25 and 0.5
     replay_ratio=0.5,

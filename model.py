@@ -221,7 +221,10 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        assert closure is None, 'Muon here takes no closure'
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             lr, momentum = group['lr'], group['momentum']
             for p in group['params']:
@@ -236,19 +239,20 @@ class Muon(torch.optim.Muon):
                     else math.sqrt(max(1, p.shape[0] / p.shape[1]))
                 p.mul_(1 - lr * group['weight_decay'])
                 p.add_(update.to(p.dtype), alpha=-lr * scale)
+        return loss
 
 
 def orthogonalize(g, coefficients, steps, eps, dtype):
     """Muon's quintic Newton-Schulz iteration in dtype (Jordan et al. 2024): g (A, B) -> about U V^T of its SVD,
     computed on the wide side (the Gram matrix is min(A, B) square)."""
     a, b, c = coefficients
-    x = g.to(dtype)
-    x = x.T if g.size(0) > g.size(1) else x
+    tall = g.size(0) > g.size(1)
+    x = g.to(dtype).T if tall else g.to(dtype)
     x = x / x.norm().clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if g.size(0) > g.size(1) else x
+    return x.T if tall else x
 
 
 class Optimizers:
@@ -422,8 +426,8 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
                              muon_lr_scale=1.0):
-        """nanoGPT's AdamW ('adamw'), or 'muon': Muon (torch's, float32 on CPU) for the hidden matrices (every 2-D weight but
-        the embedding tables and the LM head) and AdamW for the rest. Muon scales its orthogonalised update to
+        """nanoGPT's AdamW ('adamw'), or 'muon': Muon (torch's, float32 on CPU) for the hidden matrices (every
+        2-D weight but the embedding tables and the LM head) and AdamW for the rest. Muon scales its orthogonalised update to
         AdamW's RMS ('match_rms_adamw', Moonlight), so both follow learning_rate's schedule and share weight_decay;
         Muon's rate is muon_lr_scale times AdamW's."""
         if optimizer not in ('adamw', 'muon'):

@@ -129,6 +129,15 @@ def test_report_of_an_earlier_run(tmp_path, capsys, monkeypatch):
     assert '| 2.0200 | +1.0% | +12.2% |' in out
     assert '| 300 it, 120 s |' in out  # 300 iterations at 2.5 steps/s
     assert '| uncached reference' in out and '0.14x' in out and '| efficient_gpt | 2,100 | 30.0x' in out
+    # a second run adds its models; the baselines stay the first run's
+    second = dict(results, header='another header', rows=dict(baseline=dict(base, decode_tok_s=5.0),
+                                                               act=dict(row, decode_tok_s=600.0)))
+    (tmp_path / 's.json').write_text(__import__('json').dumps(second))
+    monkeypatch.setattr('sys.argv', ['bench_suite.py', f"--report={tmp_path / 'r.json'},{tmp_path / 's.json'}"])
+    bench_suite.main()
+    out = capsys.readouterr().out
+    assert 'a header\nanother header' in out and '| act | 600 |' in out and '| efficient_gpt | 1,000 |' in out
+    assert '| baseline | 1,000 |' in out
 
 
 def test_streaming_loss_scores_what_the_whole_text_forward_scores():
