@@ -25,7 +25,7 @@ test: $(VENV)/installed
 	$(PY) -m pytest -q
 
 # The README's results: trains what is missing, measures every model side by side, draws the plots
-# (about 26 minutes on 2 CPU cores). matplotlib is the optional 'plot' extra.
+# (76 minutes from a fresh clone on 2 CPU cores, 55 of them training 11 models). matplotlib is the optional 'plot' extra.
 bench: $(VENV)/installed
 	$(PY) -m pip install --quiet -e ".[plot]"
 	$(PY) bench_suite.py --plot=results --json=results/bench_suite.json
