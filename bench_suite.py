@@ -6,6 +6,7 @@ alternates with one of each baseline (bench_rows.protocol.time_rounds).
 $ python bench_suite.py                                # the 128-dim benchmark, everything, on CPU
 $ python bench_suite.py --size=384                     # the 384-dim benchmark, where decode reads weights from memory
 $ python bench_suite.py --models=strong,efficient_gpt --runs=3 --plot=results
+$ python bench_suite.py --dataset=shakespeare --models=early_exit,efficient_gpt   # on GPT-2 BPE word pieces
 Prints Markdown tables, writes every figure to --json and, with --plot=DIR, the frontier plot (needs matplotlib).
 """
 
@@ -34,6 +35,10 @@ from static_decode import StaticDecoder, why_not_static
 
 # n_embd: (its size file, the evaluation interval of its trainings: the time to target_loss is read from them)
 SIZES = {128: ('config/train_bench_cpu.py', 100), 384: ('config/train_bench384_cpu.py', 250)}
+# dataset: (the file layered last over the size file and recipe for it, the infix of its folders and plots). The
+# size files train on characters; word pieces in GPT-2 BPE change the vocabulary from 65 to 50,257, which makes the
+# output head the largest matrix of a small model and so changes what skipping layers can save.
+DATASETS = {'shakespeare_char': ([], ''), 'shakespeare': (['config/bench_bpe.py'], '-bpe')}
 # name: (the recipe files it trains with over the size file, its decode: generate()'s engine and policy). The
 # first two are the baselines every model is timed against: nanoGPT's, and the strong dense one.
 MODELS = {
@@ -58,6 +63,7 @@ STATIC = 'strong_static'
 RIVALS = BASELINES + [STATIC]
 DEFAULTS = dict(
     size=128,  # n_embd of the benchmark: 128 (per-op overhead bound at batch 1) or 384 (weight reads bound)
+    dataset='shakespeare_char',  # or 'shakespeare': Tiny Shakespeare in GPT-2 BPE word pieces (config/bench_bpe.py)
     models=','.join(MODELS),  # comma list of MODELS; both baselines are always measured
     measure=True,  # False: only train what is missing (then measure later, on a quiet machine)
     jobs=os.cpu_count() or 1,  # trainings at once, each with cpu_count // jobs threads
@@ -75,30 +81,31 @@ DEFAULTS = dict(
     exit_sweep='0.995,0.99,0.95,0.9,0.8',  # early exit: thresholds on the speed-vs-quality plot
     target_loss=0.0,  # time to reach this val loss in training (nanoGPT's estimate); 0: the strong baseline's final one
     json='bench_suite.json',
-    plot='',  # a folder for frontier_<size>.png and <model>_exit_layers.png
+    plot='',  # a folder for frontier_<size>[-bpe].png and <model>[-bpe]_exit_layers.png
     # JSON files of earlier runs, comma-separated: print their table (and --plot it) without measuring anything; a
     # later file adds or replaces models, the baselines' rows stay the first file's (each row keeps its own run's ratios)
     report='',
 )
 
 
-def out_dir_of(name, size):
-    return os.path.join(REPO, f"out-bench{'' if size == 128 else size}-{name}")
+def out_dir_of(name, size, dataset='shakespeare_char'):
+    return os.path.join(REPO, f"out-bench{'' if size == 128 else size}{DATASETS[dataset][1]}-{name}")
 
 
 def train_missing(names, cfg):
     """Train, in parallel, every model of names whose checkpoint is missing; each logs to out_dir/train.log."""
     size_file, eval_interval = SIZES[cfg['size']]
-    todo = [n for n in names if not os.path.exists(os.path.join(out_dir_of(n, cfg['size']), 'ckpt.pt'))]
+    todo = [n for n in names if not os.path.exists(os.path.join(out_dir_of(n, cfg['size'], cfg['dataset']), 'ckpt.pt'))]
     if not todo:
         return
     threads = max(1, (os.cpu_count() or 1) // cfg['jobs'])
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
 
     def train(name):
-        out_dir = out_dir_of(name, cfg['size'])
+        out_dir = out_dir_of(name, cfg['size'], cfg['dataset'])
         os.makedirs(out_dir, exist_ok=True)
         cmd = [sys.executable, os.path.join(REPO, 'train_efficient.py'), size_file, *MODELS[name][0],
+               *DATASETS[cfg['dataset']][0],
                f'--out_dir={out_dir}', f'--eval_interval={eval_interval}', f"--device={cfg['device']}",
                f"--dtype={cfg['dtype']}", '--progress=False']
         with open(os.path.join(out_dir, 'train.log'), 'w') as log:
@@ -113,7 +120,7 @@ def train_missing(names, cfg):
 
 
 def load(name, cfg):
-    ckpt = load_checkpoint(os.path.join(out_dir_of(name, cfg['size']), 'ckpt.pt'), cfg['device'])
+    ckpt = load_checkpoint(os.path.join(out_dir_of(name, cfg['size'], cfg['dataset']), 'ckpt.pt'), cfg['device'])
     model = model_from_checkpoint(ckpt)[0].to(cfg['device']).eval()
     if cfg['compile']:
         model.compile()  # compiles model(...), which every decode path calls
@@ -276,8 +283,9 @@ def fmt_row(name, r, rows, read_bytes_s):
 def report(results, cfg, header):
     rows, ref = results['rows'], results['reference']
     print(header)
-    print(f"\n{cfg['size']}-dim models. Batch 1 and batch {cfg['batch']}: {cfg['new_tokens']} new tokens after a "
-          f"one-token prompt; ratios are medians of per-round ratios against each cached baseline (min-max). "
+    print(f"\n{cfg['size']}-dim models on {cfg.get('dataset', 'shakespeare_char')}. Batch 1 and batch {cfg['batch']}: "
+          f"{cfg['new_tokens']} new tokens after a one-token prompt; ratios are medians of per-round ratios against "
+          f"each cached baseline (min-max). "
           f"Static step: each model's fastest decode (its own static-shape step where it has one) against the strong baseline's "
           f"static step{', both compiled' if cfg['compile'] else ''}; "
           f"{cfg['runs']} rounds ({cfg['reference_runs']} for the reference paths). % roofline: batch-1 weight bytes "
@@ -315,6 +323,7 @@ def plot(results, folder):
         return
     os.makedirs(folder, exist_ok=True)
     rows, size = results['rows'], results['config']['size']
+    infix = DATASETS[results['config'].get('dataset', 'shakespeare_char')][1]
     fig, (speed, train) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, r in rows.items():
         style = dict(marker='s', s=60, zorder=4) if name in BASELINES else dict(zorder=3)
@@ -338,7 +347,7 @@ def plot(results, folder):
     train.set_title(f'{size} dims: val loss against training wall-clock')
     train.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, f'frontier_{size}.png'), dpi=120)
+    fig.savefig(os.path.join(folder, f'frontier_{size}{infix}.png'), dpi=120)
     for name, r in rows.items():
         if 'exit_layer_counts' not in r:
             continue
@@ -349,7 +358,7 @@ def plot(results, folder):
         ax.set_ylabel('fraction of val tokens')
         ax.set_title(f"{name}: {', '.join(f'{k} {v}' for k, v in MODELS[name][1].items())}")
         fig.tight_layout()
-        fig.savefig(os.path.join(folder, f'{name}_exit_layers.png'), dpi=120)
+        fig.savefig(os.path.join(folder, f'{name}{infix}_exit_layers.png'), dpi=120)
     print(f"plots written to {folder}/")
 
 
@@ -366,6 +375,8 @@ def main():
         return
     if cfg['size'] not in SIZES:
         fail(f"--size={cfg['size']}: choose from {', '.join(map(str, SIZES))}")
+    if cfg['dataset'] not in DATASETS:
+        fail(f"--dataset={cfg['dataset']}: choose from {', '.join(DATASETS)}")
     names = BASELINES + [n for n in cfg['models'].split(',') if n and n not in BASELINES]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -384,7 +395,7 @@ def main():
     baselines[STATIC] = StaticDecoder(baselines[BASELINES[1]], compile=cfg['compile'])
     base = baselines[BASELINES[0]]
     strong_history = loaded[BASELINES[1]][1].get('eval_history') or [dict(val_loss=0.0)]
-    data = np.memmap(os.path.join(REPO, 'data', 'shakespeare_char', 'val.bin'), dtype=np.uint16, mode='r')
+    data = np.memmap(os.path.join(REPO, 'data', cfg['dataset'], 'val.bin'), dtype=np.uint16, mode='r')
     prompts = torch.randint(base.config.vocab_size, (cfg['batch'], 1), device=device)
     size = load_config_file(os.path.join(REPO, SIZES[cfg['size']][0]))
     x = torch.randint(base.config.vocab_size, (size['batch_size'], size['block_size']), device=device)  # (B, T)

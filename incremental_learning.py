@@ -9,7 +9,8 @@ Three mechanisms against catastrophic forgetting, each off at its neutral settin
   be Synaptic Intelligence's path integral (Zenke 2017) or Memory Aware Synapses' output sensitivity
   (Aljundi 2018), which turns the same penalty into SI or MAS.
 - Replay (Rolnick 2019, Chaudhry 2019): a buffer of earlier tasks' training windows, filled by reservoir
-  sampling over every window trained on, replaces round(replay_ratio·batch_size) windows of each batch.
+  sampling over every window trained on, replaces replay_ratio·batch_size windows of each batch (in
+  expectation: the fraction's remainder is one more window that often).
 - Importance-adaptive learning rates: each parameter's update is scaled by 1/(1 + s·F/mean(F)), so the
   parameters that mattered to earlier tasks learn more slowly (s = adaptive_lr_strength), and the top
   protect_fraction of all elements by importance have their updates scaled by protect_scale (0: frozen).
@@ -241,8 +242,8 @@ class IncrementalLearner:
         self.adaptive_lr_strength = c['adaptive_lr_strength']
         # an importance is measured after each stage when anything uses it (or, for the Fisher and MAS, when asked)
         self.measures = uses_importance or (c['fisher_batches'] > 0 and c['importance'] != 'si')
-        # round half up, so that e.g. 0.25 of 12 is exactly 3 replayed windows in every batch
-        self.n_replay = int(c['replay_ratio'] * self.batch_size + 0.5)
+        whole, self.replay_remainder = divmod(round(c['replay_ratio'] * self.batch_size, 6), 1)  # windows per batch
+        self.n_replay = int(whole)
         # windows per R entry: None for the whole split; with final_eval_windows=0 no R matrix is measured
         self.eval_windows = None if c['final_eval_windows'] < 0 else c['final_eval_windows']
         for task in self.tasks:
@@ -292,11 +293,21 @@ class IncrementalLearner:
         """(x, y) of the current stage, for evaluation: no replay, nothing offered to the buffer."""
         return self.xy(torch.cat([w for _, w in self.stage_windows(split, self.batch_size, generator)]))
 
+    def replay_count(self, generator):
+        """Windows to replay in this batch: none in the first stage; then replay_ratio·batch_size, its whole part
+        always and its remainder as one more window that often (0.01 of 12 is 0.12: a window in about one batch in
+        eight). A whole number draws nothing, so such a run keeps its random stream."""
+        if self.stage == 0 or not self.n_replay and not self.replay_remainder:
+            return 0
+        return self.n_replay + int(bool(self.replay_remainder) and
+                                   torch.rand(1, generator=generator).item() < self.replay_remainder)
+
     def train_batch(self, generator):
-        """(x, y) for a training step: the current stage's windows, then n_replay windows from the buffer
+        """(x, y) for a training step: the current stage's windows, then replay_count windows from the buffer
         once it holds an earlier task's (none during the first task). The new windows go to the buffer."""
         stage = [self.tasks.index(t) for t in self.stages[self.stage]]
-        replayed = self.buffer.sample(self.n_replay, stage, generator) if self.n_replay else None
+        n = self.replay_count(generator)
+        replayed = self.buffer.sample(n, stage, generator) if n else None
         new = self.stage_windows('train', self.batch_size - (len(replayed) if replayed is not None else 0), generator)
         if self.buffer:
             for task, windows in new:

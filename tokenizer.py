@@ -132,7 +132,7 @@ def write_split(folder, text, meta, prefix='', train_fraction=0.9):
     tok, n = load_tokenizer(meta), int(len(text) * train_fraction)
     for split, part in (('train', text[:n]), ('val', text[n:])):
         ids = tok.encode(part)
-        print(f"{prefix}{split} has {len(ids):,} tokens")
+        print(f"{prefix}{split} has {len(ids):,} token{'s' * (len(ids) != 1)}")
         np.array(ids, dtype=np.uint16).tofile(os.path.join(folder, f'{prefix}{split}.bin'))
     with open(os.path.join(folder, 'meta.json'), 'w', encoding='utf-8') as f:
         json.dump(meta, f, ensure_ascii=False)

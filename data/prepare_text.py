@@ -95,8 +95,8 @@ def main():
     tok = load_tokenizer(meta)
     train_ids = tok.encode(text[:cut])
     val_ids = tok.encode(text[cut:])
-    print(f"train has {len(train_ids):,} tokens")
-    print(f"val has {len(val_ids):,} tokens")
+    for split, ids in (('train', train_ids), ('val', val_ids)):
+        print(f"{split} has {len(ids):,} token{'s' * (len(ids) != 1)}")
     # a training window of block_size tokens reads block_size + 1 (its targets are shifted by one)
     longest = min(len(train_ids), len(val_ids)) - 1
     if longest < 1:

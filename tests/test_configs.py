@@ -37,9 +37,10 @@ def test_config_runs_alone(path, tmp_path):
 
 
 def test_recipe_files_say_so_on_their_first_line():
-    """A file that sets only mechanism keys names itself a recipe; every other file sets a size (or starts from GPT-2)."""
+    """A file that sets only mechanism keys names itself a recipe, one that sets only the data a dataset; every other
+    file sets a size (or starts from GPT-2)."""
     for path in CONFIGS:
         with open(path) as f:
             text = f.read()
         sets_size = 'n_layer' in text or 'include(' in text or 'init_from' in text  # or GPT-2's own size
-        assert sets_size or text.startswith('# Recipe'), path
+        assert sets_size or text.startswith(('# Recipe', '# Dataset')), path

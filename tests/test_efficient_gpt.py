@@ -74,8 +74,12 @@ def test_shortened_window_is_capped_at_the_groups_training_shows():
 
 
 def test_suite_models_train_with_existing_recipes_into_their_own_folders():
-    dirs = [bench_suite.out_dir_of(name, size) for name in bench_suite.MODELS for size in bench_suite.SIZES]
+    dirs = [bench_suite.out_dir_of(name, size, dataset) for name in bench_suite.MODELS for size in bench_suite.SIZES
+            for dataset in bench_suite.DATASETS]
     assert len(set(dirs)) == len(dirs)
+    for dataset, (files, _) in bench_suite.DATASETS.items():  # layered last, so the dataset is the one named
+        for f in files:
+            assert load_config_file(os.path.join(bench_suite.REPO, f))['dataset'] == dataset
     for size_file, _ in bench_suite.SIZES.values():
         assert load_config_file(os.path.join(bench_suite.REPO, size_file))['n_layer'] == BASE['n_layer']
     for files, _ in bench_suite.MODELS.values():  # recipes only: the size file sets data, steps, seed and size
@@ -96,11 +100,12 @@ def test_time_to_target_is_the_first_evaluation_at_or_below_it():
     assert bench_suite.measured_seconds(figures, figures['iters_to_target']) is None
 
 
-def test_unknown_model_is_an_error(capsys, monkeypatch):
-    monkeypatch.setattr('sys.argv', ['bench_suite.py', '--models=baseline,hourglas'])
+@pytest.mark.parametrize('arg', ['--models=baseline,hourglas', '--dataset=shakespear'])
+def test_unknown_model_or_dataset_is_an_error(arg, capsys, monkeypatch):
+    monkeypatch.setattr('sys.argv', ['bench_suite.py', arg])
     with pytest.raises(SystemExit):
         bench_suite.main()
-    assert "hourglas" in capsys.readouterr().err
+    assert arg.split(',')[-1].split('=')[-1] in capsys.readouterr().err  # the unknown name
 
 
 def test_report_of_an_earlier_run(tmp_path, capsys, monkeypatch):

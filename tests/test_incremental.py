@@ -271,7 +271,7 @@ def test_replay_state_round_trips():
     assert torch.equal(a.windows, b.windows) and torch.equal(a.tasks, b.tasks) and a.seen == b.seen == 20
 
 
-@pytest.mark.parametrize('ratio, expected', [(0.25, 3), (0.125, 2), (0.5, 6)])  # 0.125·12 = 1.5 rounds up to 2
+@pytest.mark.parametrize('ratio, expected', [(0.25, 3), (0.5, 6)])
 def test_training_batch_holds_the_replay_fraction(tasks_dir, ratio, expected):
     meta = json.loads((tasks_dir / 'meta.json').read_text())
     learner = IncrementalLearner(str(tasks_dir), meta, settings(replay_buffer_size=64, replay_ratio=ratio))
@@ -286,6 +286,22 @@ def test_training_batch_holds_the_replay_fraction(tasks_dir, ratio, expected):
         assert [task_of(r, meta) for r in x] == ['B'] * (12 - expected) + ['A'] * expected
         assert [task_of(r, meta) for r in learner.get_batch('val', g)[0]] == ['B'] * 12  # estimates: no replay
     assert set(learner.buffer.tasks.tolist()) == {0, 1}  # B's windows joined the buffer, for a task C
+
+
+@pytest.mark.parametrize('ratio', [0.01, 0.125, 0.6])
+def test_a_fractional_replay_share_is_exact_in_expectation(tasks_dir, ratio):
+    """0.125 of 12 windows is 1.5: one or two replayed windows per batch, 1.5 on average; 0.01 is 0.12."""
+    meta = json.loads((tasks_dir / 'meta.json').read_text())
+    learner = IncrementalLearner(str(tasks_dir), meta, settings(replay_buffer_size=64, replay_ratio=ratio))
+    g = torch.Generator().manual_seed(0)
+    assert learner.replay_count(g) == 0  # stage A: nothing earlier to replay, and no draw
+    for _ in range(5):  # A's windows fill the buffer
+        learner.train_batch(g)
+    learner.after_step(tiny_model(meta['vocab_size']), learner.iters_per_task)
+    counts = [int(sum(task_of(r, meta) == 'A' for r in learner.train_batch(g)[0])) for _ in range(800)]
+    whole = int(ratio * 12)
+    assert set(counts) == {whole, whole + 1}
+    assert abs(sum(counts) / len(counts) - ratio * 12) < 0.05
 
 
 def test_joint_stage_mixes_tasks_in_equal_shares(tasks_dir):
