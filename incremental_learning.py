@@ -242,8 +242,7 @@ class IncrementalLearner:
         self.adaptive_lr_strength = c['adaptive_lr_strength']
         # an importance is measured after each stage when anything uses it (or, for the Fisher and MAS, when asked)
         self.measures = uses_importance or (c['fisher_batches'] > 0 and c['importance'] != 'si')
-        whole, self.replay_remainder = divmod(round(c['replay_ratio'] * self.batch_size, 6), 1)  # windows per batch
-        self.n_replay = int(whole)
+        self.replay_windows = round(c['replay_ratio'] * self.batch_size, 6)  # per batch, in expectation
         # windows per R entry: None for the whole split; with final_eval_windows=0 no R matrix is measured
         self.eval_windows = None if c['final_eval_windows'] < 0 else c['final_eval_windows']
         for task in self.tasks:
@@ -297,10 +296,10 @@ class IncrementalLearner:
         """Windows to replay in this batch: none in the first stage; then replay_ratio·batch_size, its whole part
         always and its remainder as one more window that often (0.01 of 12 is 0.12: a window in about one batch in
         eight). A whole number draws nothing, so such a run keeps its random stream."""
-        if self.stage == 0 or not self.n_replay and not self.replay_remainder:
+        if self.stage == 0 or not self.replay_windows:
             return 0
-        return self.n_replay + int(bool(self.replay_remainder) and
-                                   torch.rand(1, generator=generator).item() < self.replay_remainder)
+        whole, part = divmod(self.replay_windows, 1)
+        return int(whole) + int(part > 0 and torch.rand(1, generator=generator).item() < part)
 
     def train_batch(self, generator):
         """(x, y) for a training step: the current stage's windows, then replay_count windows from the buffer
