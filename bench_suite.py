@@ -3,7 +3,9 @@ The README's results in one command per size. Trains what is missing (nanoGPT's 
 baseline, each mechanism alone and the combined EfficientGPT, all on one size file's data, steps, seed and
 size), then measures every model against both cached baselines in one process: each timed call of a model
 alternates with one of each baseline (bench_rows.protocol.time_rounds).
-$ python bench_suite.py                                # the 128-dim benchmark, everything, on CPU
+$ python bench_suite.py                                # the 128-dim benchmark: EfficientGPT against both baselines
+$ python bench_suite.py --models=all                   # ... and every mechanism alone
+$ python bench_suite.py --models=out-my-variant        # a folder holding a ckpt.pt trained on the size file: measured beside them
 $ python bench_suite.py --size=384                     # the 384-dim benchmark, where decode reads weights from memory
 $ python bench_suite.py --models=strong,efficient_gpt --runs=3 --plot=results
 $ python bench_suite.py --dataset=shakespeare --models=early_exit,efficient_gpt   # on GPT-2 BPE word pieces
@@ -56,6 +58,10 @@ MODELS = {
     'efficient_gpt_8l': (['config/efficient_gpt_8l.py'], {}),
 }
 BASELINES = list(MODELS)[:2]
+# names --models takes for several models. The default, 'headline', is the README's front table: EfficientGPT
+# against both baselines (under 30 minutes from a fresh clone at 128 dims on 2 CPU cores); 'all' adds every
+# mechanism alone (76 minutes)
+MODEL_SETS = {'headline': ['efficient_gpt', 'efficient_gpt_8l'], 'all': list(MODELS)}
 # the strong baseline through the static-shape decode step (static_decode.py; compiled with --compile): the fastest
 # way this repository decodes a dense model. Every model's fastest decode (its own static step where it has one)
 # is timed against it
@@ -64,7 +70,7 @@ RIVALS = BASELINES + [STATIC]
 DEFAULTS = dict(
     size=128,  # n_embd of the benchmark: 128 (per-op overhead bound at batch 1) or 384 (weight reads bound)
     dataset='shakespeare_char',  # or 'shakespeare': Tiny Shakespeare in GPT-2 BPE word pieces (config/bench_bpe.py)
-    models=','.join(MODELS),  # comma list of MODELS; both baselines are always measured
+    models='headline',  # comma list of MODELS and MODEL_SETS; both baselines are always measured
     measure=True,  # False: only train what is missing (then measure later, on a quiet machine)
     jobs=os.cpu_count() or 1,  # trainings at once, each with cpu_count // jobs threads
     device='cpu',  # 'cuda' trains and measures on the GPU
@@ -89,13 +95,25 @@ DEFAULTS = dict(
 
 
 def out_dir_of(name, size, dataset='shakespeare_char'):
+    if name not in MODELS:  # a folder named on the command line
+        return name
     return os.path.join(REPO, f"out-bench{'' if size == 128 else size}{DATASETS[dataset][1]}-{name}")
+
+
+def model_names(spec):
+    """The models a --models value names, baselines first, each once; MODEL_SETS' names expand. A name that is not
+    in MODELS is a folder holding a ckpt.pt."""
+    named = [m for n in spec.split(',') if n for m in MODEL_SETS.get(n, [n])]
+    names = list(dict.fromkeys(BASELINES + named))
+    if unknown := [n for n in names if n not in MODELS and not os.path.isfile(os.path.join(n, 'ckpt.pt'))]:
+        fail(f"unknown models {unknown}: choose from {', '.join([*MODELS, *MODEL_SETS])}, or name a folder holding a ckpt.pt")
+    return names
 
 
 def train_missing(names, cfg):
     """Train, in parallel, every model of names whose checkpoint is missing; each logs to out_dir/train.log."""
     size_file, eval_interval = SIZES[cfg['size']]
-    todo = [n for n in names if not os.path.exists(os.path.join(out_dir_of(n, cfg['size'], cfg['dataset']), 'ckpt.pt'))]
+    todo = [n for n in names if n in MODELS and not os.path.exists(os.path.join(out_dir_of(n, cfg['size'], cfg['dataset']), 'ckpt.pt'))]
     if not todo:
         return
     threads = max(1, (os.cpu_count() or 1) // cfg['jobs'])
@@ -377,10 +395,7 @@ def main():
         fail(f"--size={cfg['size']}: choose from {', '.join(map(str, SIZES))}")
     if cfg['dataset'] not in DATASETS:
         fail(f"--dataset={cfg['dataset']}: choose from {', '.join(DATASETS)}")
-    names = BASELINES + [n for n in cfg['models'].split(',') if n and n not in BASELINES]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        fail(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
+    names = model_names(cfg['models'])
     start = time.time()
     train_missing(names, cfg)
     if not cfg['measure']:
@@ -408,7 +423,7 @@ def main():
         results['reference'] = reference(base, cfg, prompts, sync)
         for name in tqdm(names, unit='model', desc='measuring'):
             m, ckpt = loaded.get(name) or load(name, cfg)
-            decode = MODELS[name][1]
+            decode = MODELS[name][1] if name in MODELS else {}
             if steps and name not in steps:
                 steps[name] = training_step(m, ckpt, x)
             static = baselines[STATIC] if name == BASELINES[1] else None if why_not_static(m) else \
