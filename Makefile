@@ -36,7 +36,8 @@ bench-all: $(VENV)/installed
 	$(PY) -m pip install --quiet -e ".[plot]"
 	$(PY) bench_suite.py --models=all --plot=results --json=results/bench_suite_all.json
 
-# The same at 384 dims, where batch-1 decode reads the weights from memory (each training up to 25 minutes).
+# The front table at 384 dims, where batch-1 decode reads the weights from memory (a training there runs at about
+# 500 tokens/s on one thread of a 2-core CPU: some 45 minutes for its 700 steps).
 bench384: $(VENV)/installed
 	$(PY) -m pip install --quiet -e ".[plot]"
 	$(PY) bench_suite.py --size=384 --plot=results --json=results/bench_suite384.json

@@ -1,6 +1,6 @@
 """
 The README's results in one command per size. Trains what is missing (nanoGPT's baseline, the strong dense
-baseline, each mechanism alone and the combined EfficientGPT, all on one size file's data, steps, seed and
+baseline, EfficientGPT and, with --models=all, each mechanism alone, all on one size file's data, steps, seed and
 size), then measures every model against both cached baselines in one process: each timed call of a model
 alternates with one of each baseline (bench_rows.protocol.time_rounds).
 $ python bench_suite.py                                # the 128-dim benchmark: EfficientGPT against both baselines

@@ -8,6 +8,7 @@ out_dir = 'out-efficient-gpt-8l'
 # layers). Full-resolution layers are what buy quality: with 1, 2, 3 and 4 of them after the coarse stack the loss
 # was 1.7468, 1.6623, 1.6089 and 1.5909 at 128 dims, while 11 coarse layers instead of 5 gained nothing (1.7530).
 # Of the three ways to place 3 (0, 1 or 2 before the coarse stack), one before it was best: 1.6018, against the
-# strong baseline's 1.5429, at 2.05x its batch-1 decode (docs/combination.md)
+# strong baseline's 1.5429, at 2.05x its batch-1 decode (and with a second seed 1.6167 against 1.6296 all after;
+# docs/combination.md)
 n_layer = 8
 hierarchy_layers = '1:-2'
