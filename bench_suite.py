@@ -5,7 +5,7 @@ size), then measures every model against both cached baselines in one process: e
 alternates with one of each baseline (bench_rows.protocol.time_rounds).
 $ python bench_suite.py                                # the 128-dim benchmark: EfficientGPT against both baselines
 $ python bench_suite.py --models=all                   # ... and every mechanism alone
-$ python bench_suite.py --models=out-my-variant        # a folder holding a ckpt.pt trained on the size file: measured beside them
+$ python bench_suite.py --models=out-my-variant        # a folder with a ckpt.pt trained on the size file, measured too
 $ python bench_suite.py --size=384                     # the 384-dim benchmark, where decode reads weights from memory
 $ python bench_suite.py --models=strong,efficient_gpt --runs=3 --plot=results
 $ python bench_suite.py --dataset=shakespeare --models=early_exit,efficient_gpt   # on GPT-2 BPE word pieces
@@ -106,14 +106,15 @@ def model_names(spec):
     named = [m for n in spec.split(',') if n for m in MODEL_SETS.get(n, [n])]
     names = list(dict.fromkeys(BASELINES + named))
     if unknown := [n for n in names if n not in MODELS and not os.path.isfile(os.path.join(n, 'ckpt.pt'))]:
-        fail(f"unknown models {unknown}: choose from {', '.join([*MODELS, *MODEL_SETS])}, or name a folder holding a ckpt.pt")
+        fail(f"unknown models {unknown}: choose from {', '.join([*MODELS, *MODEL_SETS])}, "
+             "or name a folder holding a ckpt.pt")
     return names
 
 
 def train_missing(names, cfg):
     """Train, in parallel, every model of names whose checkpoint is missing; each logs to out_dir/train.log."""
     size_file, eval_interval = SIZES[cfg['size']]
-    todo = [n for n in names if n in MODELS and not os.path.exists(os.path.join(out_dir_of(n, cfg['size'], cfg['dataset']), 'ckpt.pt'))]
+    todo = [n for n in names if not os.path.exists(os.path.join(out_dir_of(n, cfg['size'], cfg['dataset']), 'ckpt.pt'))]
     if not todo:
         return
     threads = max(1, (os.cpu_count() or 1) // cfg['jobs'])

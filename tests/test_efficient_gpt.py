@@ -101,7 +101,8 @@ def test_time_to_target_is_the_first_evaluation_at_or_below_it():
 
 
 def test_model_sets_expand_and_the_baselines_come_first_once(tmp_path):
-    assert bench_suite.model_names(bench_suite.DEFAULTS['models']) == bench_suite.BASELINES + ['efficient_gpt', 'efficient_gpt_8l']
+    assert bench_suite.model_names(bench_suite.DEFAULTS['models']) == bench_suite.BASELINES + ['efficient_gpt',
+                                                                                          'efficient_gpt_8l']
     assert bench_suite.model_names('all') == list(bench_suite.MODELS)
     assert bench_suite.model_names('topk,strong,headline,topk') == ['baseline', 'strong', 'topk', 'efficient_gpt',
                                                                      'efficient_gpt_8l']
@@ -110,7 +111,8 @@ def test_model_sets_expand_and_the_baselines_come_first_once(tmp_path):
     assert bench_suite.out_dir_of(str(tmp_path), 384) == str(tmp_path)
 
 
-@pytest.mark.parametrize('arg, unknown', [('--models=baseline,hourglas', 'hourglas'), ('--models=tests', 'tests'), ('--dataset=shakespear', 'shakespear')])
+@pytest.mark.parametrize('arg, unknown', [('--models=baseline,hourglas', 'hourglas'), ('--models=tests', 'tests'),
+                                          ('--dataset=shakespear', 'shakespear')])
 def test_unknown_model_or_dataset_is_an_error(arg, unknown, capsys, monkeypatch):
     monkeypatch.setattr('sys.argv', ['bench_suite.py', arg])
     with pytest.raises(SystemExit):
