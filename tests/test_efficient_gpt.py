@@ -101,11 +101,10 @@ def test_time_to_target_is_the_first_evaluation_at_or_below_it():
 
 
 def test_model_sets_expand_and_the_baselines_come_first_once(tmp_path):
-    assert bench_suite.model_names(bench_suite.DEFAULTS['models']) == bench_suite.BASELINES + ['efficient_gpt',
-                                                                                          'efficient_gpt_8l']
+    headline = ['strong_3l', 'efficient_gpt', 'efficient_gpt_8l']
+    assert bench_suite.model_names(bench_suite.DEFAULTS['models']) == bench_suite.BASELINES + headline
     assert bench_suite.model_names('all') == list(bench_suite.MODELS)
-    assert bench_suite.model_names('topk,strong,headline,topk') == ['baseline', 'strong', 'topk', 'efficient_gpt',
-                                                                     'efficient_gpt_8l']
+    assert bench_suite.model_names('topk,strong,headline,topk') == ['baseline', 'strong', 'topk', *headline]
     (tmp_path / 'ckpt.pt').touch()  # a folder holding a checkpoint is measured as it is, from there
     assert bench_suite.model_names(f'{tmp_path},topk') == bench_suite.BASELINES + [str(tmp_path), 'topk']
     assert bench_suite.out_dir_of(str(tmp_path), 384) == str(tmp_path)
