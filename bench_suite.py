@@ -1,8 +1,9 @@
 """
 The README's results in one command per size. Trains what is missing (nanoGPT's baseline, the strong dense
 baseline at full and half depth, EfficientGPT, EfficientGPT-8L and, with --models=all, each mechanism alone, all on
-one size file's data, steps, seed and size), then measures every model against both cached baselines in one
-process: each timed call of a model alternates with one of each baseline (bench_rows.protocol.time_rounds).
+one size file's data, steps, seed and size; a training that stopped early is resumed), then measures every model
+against both cached baselines in one process: each timed call of a model alternates with one of each baseline
+(bench_rows.protocol.time_rounds).
 $ python bench_suite.py                                # the 128-dim benchmark: EfficientGPT against the baselines
 $ python bench_suite.py --models=all                   # ... and every mechanism alone
 $ python bench_suite.py --models=out-my-variant        # a folder with a ckpt.pt trained on the size file, measured too
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from bench_rows.protocol import greedy, stats, time_pair, time_rounds, train_step
 from bench_rows.roofline import gemv_sweeps, weight_matrices
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from common import REPO, autocast, fail, pick_dtype, pyplot, synchronizer
 from configurator import configure_or_exit, describe, load_config_file
 from evaluate import bits, decoded_loss, decode_consistent_loss, evaluate_loss, streaming_loss
@@ -112,23 +113,36 @@ def model_names(spec):
     return names
 
 
+def stopped_early(path):
+    """A checkpoint short of its run's max_iters (an interrupted training writes one): resumed, never measured."""
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        fail(e)
+    return 'iter_num' in ckpt and ckpt['iter_num'] < ckpt.get('config', {}).get('max_iters', 0)
+
+
 def train_missing(names, cfg):
-    """Train, in parallel, every model of names whose checkpoint is missing; each logs to out_dir/train.log."""
+    """Train, in parallel, every model of names whose checkpoint is missing, and resume any that stopped early; each
+    logs to out_dir/train.log."""
     size_file, eval_interval = SIZES[cfg['size']]
-    todo = [n for n in names if not os.path.exists(os.path.join(out_dir_of(n, cfg['size'], cfg['dataset']), 'ckpt.pt'))]
+    ckpts = {n: os.path.join(out_dir_of(n, cfg['size'], cfg['dataset']), 'ckpt.pt') for n in names}
+    todo = [n for n, path in ckpts.items() if not os.path.exists(path) or stopped_early(path)]
     if not todo:
         return
+    if folders := [ckpts[n] for n in todo if n not in MODELS]:  # the suite knows no recipe to resume them with
+        fail(f"{', '.join(folders)} stopped before max_iters: finish with train_efficient.py --init_from=resume")
     threads = max(1, (os.cpu_count() or 1) // cfg['jobs'])
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
 
     def train(name):
-        out_dir = out_dir_of(name, cfg['size'], cfg['dataset'])
+        out_dir, resume = os.path.dirname(ckpts[name]), os.path.exists(ckpts[name])
         os.makedirs(out_dir, exist_ok=True)
         cmd = [sys.executable, os.path.join(REPO, 'train_efficient.py'), size_file, *MODELS[name][0],
                *DATASETS[cfg['dataset']][0],
                f'--out_dir={out_dir}', f'--eval_interval={eval_interval}', f"--device={cfg['device']}",
-               f"--dtype={cfg['dtype']}", '--progress=False']
-        with open(os.path.join(out_dir, 'train.log'), 'w') as log:
+               f"--dtype={cfg['dtype']}", '--progress=False', *(['--init_from=resume'] if resume else [])]
+        with open(os.path.join(out_dir, 'train.log'), 'a' if resume else 'w') as log:
             if subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
                 fail(f"training {name} failed: see {os.path.join(out_dir, 'train.log')}")
         return name

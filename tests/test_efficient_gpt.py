@@ -3,6 +3,7 @@ measures it (bench_suite.py)."""
 
 import os
 from dataclasses import fields
+from subprocess import CompletedProcess
 
 import numpy as np
 import pytest
@@ -108,6 +109,30 @@ def test_model_sets_expand_and_the_baselines_come_first_once(tmp_path):
     (tmp_path / 'ckpt.pt').touch()  # a folder holding a checkpoint is measured as it is, from there
     assert bench_suite.model_names(f'{tmp_path},topk') == bench_suite.BASELINES + [str(tmp_path), 'topk']
     assert bench_suite.out_dir_of(str(tmp_path), 384) == str(tmp_path)
+
+
+def test_the_suite_resumes_a_training_that_stopped_early_and_keeps_a_finished_one(tmp_path, monkeypatch, capsys):
+    def checkpoint(name, iters):
+        os.makedirs(tmp_path / name)
+        torch.save(dict(model={}, model_args={}, iter_num=iters, config=dict(max_iters=10)), tmp_path / name / 'ckpt.pt')
+    checkpoint('strong', 4)  # interrupted: Ctrl-C writes a checkpoint
+    checkpoint('topk', 10)
+    commands = []
+    monkeypatch.setattr(bench_suite, 'out_dir_of', lambda name, size, dataset: str(tmp_path / name))
+    monkeypatch.setattr(bench_suite.subprocess, 'run', lambda cmd, **kw: commands.append(cmd) or CompletedProcess(cmd, 0))
+    cfg = dict(size=128, dataset='shakespeare_char', jobs=1, device='cpu', dtype='float32')
+    bench_suite.train_missing(['baseline', 'strong', 'topk'], cfg)
+    trained = {next(a for a in c if a.startswith('--out_dir=')).rsplit('/', 1)[-1]: c for c in commands}
+    assert sorted(trained) == ['baseline', 'strong']  # the finished one is measured as it is
+    assert '--init_from=resume' in trained['strong'] and '--init_from=resume' not in trained['baseline']
+    checkpoint('mine', 4)  # a folder of the user's: the suite has no recipe to resume it with
+    with pytest.raises(SystemExit):
+        bench_suite.train_missing([str(tmp_path / 'mine')], cfg)
+    assert 'stopped before max_iters' in capsys.readouterr().err
+    (tmp_path / 'topk' / 'ckpt.pt').write_text('not a checkpoint')
+    with pytest.raises(SystemExit):
+        bench_suite.train_missing(['topk'], cfg)
+    assert 'is not a checkpoint this project wrote' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('arg, unknown', [('--models=baseline,hourglas', 'hourglas'), ('--models=tests', 'tests'),
