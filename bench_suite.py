@@ -61,8 +61,8 @@ MODELS = {
 }
 BASELINES = list(MODELS)[:2]
 # names --models takes for several models. The default, 'headline', is the README's front table: EfficientGPT
-# against both baselines and the strong one at half depth (under 30 minutes from a fresh clone at 128 dims on 2
-# CPU cores); 'all' adds every mechanism alone
+# against both baselines and the strong one at half depth (41 minutes from a fresh clone at 128 dims on 2 CPU
+# cores, 26 of them training); 'all' adds every mechanism alone
 MODEL_SETS = {'headline': ['strong_3l', 'efficient_gpt', 'efficient_gpt_8l'], 'all': list(MODELS)}
 # the strong baseline through the static-shape decode step (static_decode.py; compiled with --compile): the fastest
 # way this repository decodes a dense model. Every model's fastest decode (its own static step where it has one)
